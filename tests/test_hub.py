@@ -1,0 +1,154 @@
+"""The `hub` profile's loaders, run offline on local fixtures of the Hub's shape."""
+import copy
+import json
+
+import pandas as pd
+import pytest
+import torch
+from datasets import DatasetDict
+
+from utils import config, hub
+from utils.tokenizer import CHAT_TEMPLATE
+
+WIKITEXT_LINES = [
+    "",
+    " = Valkyria Chronicles III = ",
+    "",
+    " Senjō no Valkyria 3 : Unrecorded Chronicles is a tactical role @-@ playing video game .",
+    "",
+    " = = Gameplay = = ",
+    "",
+    " As with previous Valkyira Chronicles games , Valkyria Chronicles III is a tactical game .",
+    "   ",
+] + [f" The game was released in region {i} and sold {i * 1000} copies in its first week ." for i in range(40)]
+LONG_LINES = [t for t in WIKITEXT_LINES if len(t.strip()) >= 20]
+
+
+@pytest.fixture
+def hub_folder(tmp_path, tiny_model, tiny_tokenizer):
+    """A causal LM and tokenizer saved the way the Hub stores them."""
+    folder = tmp_path / "SmolLM-like"
+    tiny_model.save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_load_hub_model_from_a_local_folder(hub_folder, tiny_model, tiny_tokenizer):
+    model, tok = hub.load_hub_model(str(hub_folder))
+    param = next(model.parameters())
+    assert param.device.type == config.pick_device().type
+    assert param.dtype == config.pick_dtype(config.pick_device())
+    assert not model.training
+    assert tok.pad_token == tiny_tokenizer.pad_token and tok.pad_token_id is not None
+    assert tok.chat_template == CHAT_TEMPLATE
+    ids = torch.tensor([tok("Alba is blue.", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model.cpu().float()(input_ids=ids).logits, tiny_model(input_ids=ids).logits)
+
+
+def test_load_hub_model_on_cpu_is_float32(hub_folder):
+    model, _ = hub.load_hub_model(str(hub_folder), device="cpu")
+    param = next(model.parameters())
+    assert param.device == torch.device("cpu")
+    assert param.dtype == torch.float32
+
+
+def test_load_hub_model_honours_an_explicit_dtype(hub_folder):
+    model, _ = hub.load_hub_model(str(hub_folder), device="cpu", dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_load_hub_model_refuses_pickle_checkpoints(hub_folder, tiny_model):
+    (hub_folder / "model.safetensors").unlink()
+    torch.save(tiny_model.state_dict(), hub_folder / "pytorch_model.bin")
+    with pytest.raises(Exception):  # noqa: B017 - safetensors only: a pickle checkpoint must not load
+        hub.load_hub_model(str(hub_folder), device="cpu")
+
+
+def test_hub_tokenizer_gets_a_pad_token_and_a_template(tmp_path, tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.pad_token = None
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = hub.load_hub_tokenizer(str(tmp_path / "tok"))
+    assert loaded.pad_token == loaded.eos_token == tiny_tokenizer.eos_token
+    assert loaded.chat_template == CHAT_TEMPLATE
+
+
+def _check_wikitext(ds):
+    assert isinstance(ds, DatasetDict)
+    assert set(ds) == {"train", "validation"}
+    assert len(ds["train"]) > 0 and len(ds["validation"]) > 0
+    texts = list(ds["train"]["text"]) + list(ds["validation"]["text"])
+    assert sorted(texts) == sorted(LONG_LINES)  # empty lines (and short headings) dropped, nothing else
+    assert all(t.strip() for t in texts)
+
+
+def test_load_hub_text_dataset_from_parquet(tmp_path, tmp_datasets_cache):
+    path = tmp_path / "wikitext-train.parquet"
+    pd.DataFrame({"text": WIKITEXT_LINES}).to_parquet(path)
+    ds = hub.load_hub_text_dataset(str(path))
+    _check_wikitext(ds)
+    assert len(ds["validation"]) == pytest.approx(0.05 * len(LONG_LINES), abs=1)
+
+
+def test_load_hub_text_dataset_from_jsonl(tmp_path, tmp_datasets_cache):
+    path = tmp_path / "wiki.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in WIKITEXT_LINES))
+    _check_wikitext(hub.load_hub_text_dataset(str(path)))
+
+
+def test_load_hub_text_dataset_from_a_folder_with_splits(tmp_path, tmp_datasets_cache):
+    folder = tmp_path / "wikitext"
+    folder.mkdir()
+    pd.DataFrame({"text": WIKITEXT_LINES[:20]}).to_parquet(folder / "train.parquet")
+    pd.DataFrame({"text": WIKITEXT_LINES[20:]}).to_parquet(folder / "validation.parquet")
+    ds = hub.load_hub_text_dataset(str(folder))
+    _check_wikitext(ds)
+    assert list(ds["validation"]["text"]) == [t for t in WIKITEXT_LINES[20:] if len(t.strip()) >= 20]
+
+
+def test_load_hub_text_dataset_without_text_column(tmp_path, tmp_datasets_cache):
+    path = tmp_path / "bad.parquet"
+    pd.DataFrame({"content": WIKITEXT_LINES}).to_parquet(path)
+    with pytest.raises(ValueError, match=r"needs the column\(s\) \['text'\].*\['content'\]"):
+        hub.load_hub_text_dataset(str(path))
+
+
+def test_hub_model_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(hub.HubUnavailableError, match="tiny") as info:
+        hub.load_hub_model("HuggingFaceTB/SmolLM2-135M")
+    assert "HuggingFaceTB/SmolLM2-135M" in str(info.value)
+    assert "COURSE_PROFILE=tiny" in str(info.value)
+
+
+def test_hub_dataset_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(hub.HubUnavailableError, match="not reachable"):
+        hub.load_hub_text_dataset("Salesforce/wikitext", "wikitext-2-raw-v1")
+
+
+@pytest.mark.parametrize("value", ["1", "true", "ON", "yes"])
+def test_hub_is_unreachable_when_offline_is_forced(monkeypatch, value):
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("hub_reachable opened a connection in offline mode")
+
+    monkeypatch.setattr(hub.socket, "create_connection", no_network)
+    assert hub.hub_reachable() is False
+
+
+def test_hub_reachable_reports_a_failed_connection(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+
+    def refuse(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(hub.socket, "create_connection", refuse)
+    assert hub.hub_reachable() is False
+
+
+def test_hub_error_is_a_runtime_error():
+    assert issubclass(hub.HubUnavailableError, RuntimeError)

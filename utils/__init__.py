@@ -1,0 +1,14 @@
+"""The course's shared code: profiles, TinyWorld and its judge, models, data, training references,
+checkers and plots. Notebooks import from here; nothing here imports from a notebook."""
+import logging
+
+# bitsandbytes (imported by transformers/peft when installed) warns on every CPU import that an
+# optional Hub-downloaded kernel is missing, then falls back to its built-in one. Offline, that
+# is expected; keep real errors, drop the noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+import warnings
+
+# Without ipywidgets, tqdm's notebook bars fall back to text bars (which the course uses anyway,
+# because they render in the book); the warning saying so would open every chapter.
+warnings.filterwarnings("ignore", message="IProgress not found")

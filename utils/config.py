@@ -1,0 +1,114 @@
+"""Profiles, seeding and device choice: the one place that says how big everything is.
+
+Two profiles share every notebook cell:
+
+* ``tiny`` (the default): models the course builds itself, TinyWorld data, CPU-sized steps.
+  Never touches the network.
+* ``hub``: small real checkpoints and datasets from the Hugging Face Hub, for a learner with a
+  GPU and internet access.
+
+Switch with one line, ``profile = get_profile("hub")``, or for a whole session with the
+environment variable ``COURSE_PROFILE=hub``.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_URL = "https://github.com/llm-alignment-course/training-llms-to-follow-instructions"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROFILE_ENV = "COURSE_PROFILE"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything a notebook needs to know about sizes and sources."""
+
+    name: str
+    # models: None means "built by the course from a config"
+    base_model: str | None = None
+    # data: None means "TinyWorld"
+    pretrain_dataset: tuple[str, str | None] | None = None  # (hub name, config)
+    # Chapter 1: pretraining
+    vocab_size: int = 1024
+    seq_len: int = 128
+    pretrain_steps: int = 400
+    pretrain_batch_size: int = 16
+    pretrain_lr: float = 3e-3
+    trainer_steps: int = 60
+    n_documents: int = 12_000
+    extra: dict = field(default_factory=dict)
+
+    def with_overrides(self, **changes) -> "Profile":
+        return replace(self, **changes)
+
+
+PROFILES: dict[str, Profile] = {
+    "tiny": Profile(name="tiny"),
+    "hub": Profile(
+        name="hub",
+        base_model="HuggingFaceTB/SmolLM2-135M",
+        pretrain_dataset=("Salesforce/wikitext", "wikitext-2-raw-v1"),
+        seq_len=256,
+        pretrain_steps=200,
+        pretrain_batch_size=8,
+        pretrain_lr=5e-5,
+        trainer_steps=50,
+    ),
+}
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """The profile called ``name``, else ``$COURSE_PROFILE``, else ``tiny``."""
+    name = name or os.environ.get(PROFILE_ENV) or "tiny"
+    if name not in PROFILES:
+        raise ValueError(
+            f"unknown profile {name!r}: choose one of {sorted(PROFILES)} "
+            f"(set it with get_profile('tiny') or the environment variable {PROFILE_ENV})"
+        )
+    return PROFILES[name]
+
+
+def seed_everything(seed: int = 0) -> None:
+    """Seed Python, NumPy and torch, and ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def pick_device(prefer: str | None = None) -> torch.device:
+    """``cuda`` when available, else ``cpu`` (or the device named by ``prefer``)."""
+    if prefer:
+        return torch.device(prefer)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device | str | None = None, *, bf16_supported: bool | None = None) -> torch.dtype:
+    """The training dtype for ``device``: bf16 on recent GPUs, fp16 on older ones (T4), fp32 on CPU.
+
+    ``bf16_supported`` overrides the hardware query (used in tests).
+    """
+    device = torch.device(device) if device is not None else pick_device()
+    if device.type != "cuda":
+        return torch.float32
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16_supported else torch.float16
+
+
+def describe_runtime() -> str:
+    """One line for the top of a notebook: profile, device, dtype, versions."""
+    import transformers
+
+    profile = get_profile()
+    device = pick_device()
+    return (f"profile={profile.name} device={device.type} dtype={str(pick_dtype(device)).replace('torch.', '')} "
+            f"torch={torch.__version__} transformers={transformers.__version__}")

@@ -1,0 +1,61 @@
+"""Ground-truth evaluation with the gold judge: scores, per-kind tables, win rates with intervals."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from . import judge
+from .models import generate_responses
+
+
+def evaluate(model, tokenizer, conversations, *, do_sample: bool = False, temperature: float = 1.0,
+             max_new_tokens: int = 40, seed: int = 0, kinds=None) -> pd.DataFrame:
+    """Generate one response per conversation and score it: one row per prompt.
+
+    Columns: ``prompt`` (last user turn), ``kind``, ``response``, ``finished``, ``n_tokens``,
+    ``gold`` (the judge's score), ``correct``, ``rude``, ``refused``.
+    """
+    conversations = list(conversations)
+    gens = generate_responses(model, tokenizer, conversations, do_sample=do_sample, temperature=temperature,
+                              max_new_tokens=max_new_tokens, seed=seed)
+    rows = []
+    for i, (conv, g) in enumerate(zip(conversations, gens)):
+        parts = judge.score_breakdown(conv, g.text, g.finished)
+        rows.append({
+            "prompt": conv[-1]["content"], "kind": kinds[i] if kinds is not None else None,
+            "response": g.text, "finished": g.finished, "n_tokens": g.n_tokens,
+            "gold": float(sum(parts.values())),
+            "correct": ("correct" in parts) or ("refusal" in parts),
+            "rude": "rude" in parts, "refused": judge.is_refusal(g.text),
+        })
+    return pd.DataFrame(rows)
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean gold score, accuracy, rudeness, finished rate and length, overall and per kind."""
+    cols = {"gold": "mean", "correct": "mean", "rude": "mean", "finished": "mean", "n_tokens": "mean"}
+    out = df.groupby("kind").agg(cols) if df["kind"].notna().any() else pd.DataFrame()
+    overall = df.agg(cols).to_frame("all").T
+    return pd.concat([out, overall]).round(3)
+
+
+def win_rate(scores_a, scores_b, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """How often ``a`` beats ``b`` on the same prompts (ties count one half), with a paired
+    bootstrap 95% confidence interval: ``{"win_rate", "low", "high", "ties"}``."""
+    a, b = np.asarray(scores_a, float), np.asarray(scores_b, float)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"need two equally long, non-empty score lists; got {a.shape} and {b.shape}")
+    wins = (a > b) + 0.5 * (a == b)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(n_boot, len(a)))
+    boots = wins[idx].mean(axis=1)
+    return {"win_rate": float(wins.mean()), "low": float(np.quantile(boots, 0.025)),
+            "high": float(np.quantile(boots, 0.975)), "ties": float((a == b).mean())}
+
+
+def mean_ci(values, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """The mean of ``values`` with a bootstrap 95% confidence interval."""
+    v = np.asarray(values, float)
+    rng = np.random.default_rng(seed)
+    boots = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
+    return {"mean": float(v.mean()), "low": float(np.quantile(boots, 0.025)), "high": float(np.quantile(boots, 0.975))}

@@ -1,0 +1,99 @@
+"""Loaders for the ``hub`` profile: real checkpoints and datasets from the Hugging Face Hub.
+
+Every loader also takes a local folder or file of the same shape, which is how the tests run
+them offline. Loading is safe: safetensors only, ``trust_remote_code=False``.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from .config import pick_device, pick_dtype
+from .data import require_columns
+
+HUB_HOST = "huggingface.co"
+
+
+class HubUnavailableError(RuntimeError):
+    """The ``hub`` profile was asked for but the Hugging Face Hub cannot be reached."""
+
+
+def _is_local(name: str) -> bool:
+    return Path(name).exists()
+
+
+def hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
+    """True if a TCP connection to the Hub can be opened (and offline mode is not forced)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def require_hub(what: str) -> None:
+    if not hub_reachable():
+        raise HubUnavailableError(
+            f"cannot download {what!r}: the Hugging Face Hub ({HUB_HOST}) is not reachable "
+            "(no network, or HF_HUB_OFFLINE is set). The 'hub' profile needs internet access; "
+            "use the offline profile instead: COURSE_PROFILE=tiny, or get_profile('tiny')."
+        )
+
+
+def _from_pretrained(loader, name: str, **kwargs):
+    if not _is_local(name):
+        require_hub(name)
+    return loader(name, trust_remote_code=False, **kwargs)
+
+
+def load_hub_tokenizer(name: str):
+    """A tokenizer from the Hub (or a local folder); gives it a pad token if it lacks one."""
+    from transformers import AutoTokenizer
+
+    tok = _from_pretrained(AutoTokenizer.from_pretrained, name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        from .tokenizer import CHAT_TEMPLATE
+        tok.chat_template = CHAT_TEMPLATE  # base checkpoints often have none; ours has generation markers
+    return tok
+
+
+def load_hub_model(name: str, device=None, dtype=None):
+    """``(model, tokenizer)`` for a causal LM on the Hub (or in a local folder), on the best device."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or pick_device()
+    dtype = dtype or pick_dtype(device)
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, dtype=dtype, use_safetensors=True)
+    model.to(device).eval()
+    return model, load_hub_tokenizer(name)
+
+
+def load_hub_text_dataset(name: str, config: str | None = None, min_chars: int = 20):
+    """A wikitext-shaped dataset (``train``/``validation`` with a ``text`` column), empty lines dropped.
+
+    ``name`` may be a Hub id or a local folder / data file (json, jsonl, parquet, csv).
+    """
+    from datasets import DatasetDict, load_dataset
+
+    path = Path(name)
+    if path.is_file():
+        ds = load_dataset(path.suffix.lstrip(".").replace("jsonl", "json"), data_files=str(path))
+    elif path.is_dir():
+        ds = load_dataset(str(path))
+    else:
+        require_hub(name)
+        ds = load_dataset(name, config)
+    if not isinstance(ds, DatasetDict):
+        ds = DatasetDict(train=ds)
+    for split in ds.values():
+        require_columns(split, ["text"], "a pretraining dataset")
+    ds = ds.filter(lambda r: len(r["text"].strip()) >= min_chars)
+    if "validation" not in ds:
+        parts = ds["train"].train_test_split(test_size=0.05, seed=0)
+        ds = DatasetDict(train=parts["train"], validation=parts["test"])
+    return ds

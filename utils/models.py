@@ -1,0 +1,119 @@
+"""A Llama-style model factory, and generation helpers shared by every chapter."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from .tokenizer import DOC_SEP, END
+
+# ~0.9M parameters with a 1k vocabulary: learns TinyWorld on a CPU in a minute or so.
+TINY_MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                  intermediate_size=384, max_position_embeddings=256)
+
+
+def make_model(tokenizer, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A freshly initialised Llama-style causal LM sized by :data:`TINY_MODEL` (plus ``overrides``)."""
+    cfg = dict(TINY_MODEL, **overrides)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.convert_tokens_to_ids(DOC_SEP),
+        eos_token_id=tokenizer.convert_tokens_to_ids(END),
+        attention_dropout=0.0,
+        **cfg,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(END),
+                                            tokenizer.convert_tokens_to_ids(DOC_SEP)]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def count_parameters(model, trainable_only: bool = False) -> int:
+    """Number of (trainable) parameters; tied weights are counted once."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+@contextlib.contextmanager
+def _left_padding(tokenizer):
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = side
+
+
+@dataclass
+class Generation:
+    text: str  # the decoded response, special tokens removed, stripped
+    finished: bool  # stopped at the tokenizer's end-of-turn token (not cut off, not end-of-text)
+    n_tokens: int  # tokens generated (the stop token included)
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 40, do_sample: bool = False,
+                   temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
+                   batch_size: int = 128) -> list[Generation]:
+    """Continue each prompt string (already formatted; special tokens allowed) and decode.
+
+    Greedy by default; with ``do_sample`` the draw is seeded, so results are reproducible.
+    Generation stops at any of the model's end tokens; ``finished`` is true only for the
+    end-of-turn token (``tokenizer.eos_token``): a base model that ends a *document* has not
+    answered properly.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    stop_ids = model.generation_config.eos_token_id
+    stop_ids = set(stop_ids if isinstance(stop_ids, list) else [stop_ids])
+    out: list[Generation] = []
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                      pad_token_id=tokenizer.pad_token_id)
+    if do_sample:
+        gen_kwargs.update(temperature=temperature, top_k=top_k or 0, top_p=1.0)
+    else:
+        gen_kwargs.update(temperature=None, top_k=None, top_p=None)
+    with torch.random.fork_rng(), _left_padding(tokenizer):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            seqs = model.generate(**enc, **gen_kwargs)
+            new = seqs[:, enc["input_ids"].shape[1]:].tolist()
+            for ids in new:
+                finished, kept = False, []
+                for t in ids:
+                    if t in stop_ids:
+                        finished = t == tokenizer.eos_token_id
+                        kept.append(t)
+                        break
+                    if t == tokenizer.pad_token_id:
+                        continue
+                    kept.append(t)
+                text = tokenizer.decode(kept, skip_special_tokens=True).strip()
+                out.append(Generation(text, finished, len(kept)))
+    model.train(was_training)
+    return out
+
+
+def chat_prompts(tokenizer, conversations: list[list[dict]]) -> list[str]:
+    """Render conversations with the chat template, ready for the assistant's next turn."""
+    return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+
+
+def generate_responses(model, tokenizer, conversations: list[list[dict]], **kwargs) -> list[Generation]:
+    """The assistant's next turn for each conversation (see :func:`generate_texts` for options)."""
+    return generate_texts(model, tokenizer, chat_prompts(tokenizer, conversations), **kwargs)
