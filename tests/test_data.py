@@ -204,7 +204,8 @@ def test_label_pairs_drop_ties():
 
 def test_annotator_preferences_are_noisy_but_informative():
     ds = D.annotator_preferences(600)
-    assert 300 < len(ds) <= 600  # pairs the rubric cannot separate may be dropped
+    assert len(ds) == 600  # exactly n, after identical responses and ties are dropped
+    assert all(c != r for c, r in zip(ds["gold_chosen"], ds["gold_rejected"]))
     assert {"prompt", "chosen", "rejected"} <= set(ds.column_names)
     accuracy = float(np.mean(ds["label_correct"]))
     assert 0.6 < accuracy < 0.99, accuracy

@@ -199,12 +199,13 @@ def label_pairs(conversations, responses_a, responses_b, seed: int = 0, finished
 
 
 def annotator_preferences(n: int = 2000, seed: int = 0, split: str = "train", world: World | None = None) -> Dataset:
-    """Offline preference pairs: two annotators' demonstrations for the same prompt, labelled noisily."""
+    """``n`` offline preference pairs: two annotators' responses to the same prompt, labelled
+    noisily by :func:`label_pairs` (which drops identical responses and ties)."""
     world = world or make_world()
     rng = random.Random(f"annotator-prefs-{seed}")
     pool = _prompts_of(split, world)
     convs, a, b = [], [], []
-    while len(convs) < n:
+    while len(convs) < 2 * n:  # about a fifth are ties; draw enough, keep the first n
         conv = [{"role": "user", "content": rng.choice(pool[_draw_kind(rng)])}]
         req = parse_request(conv, world)
         ra, rb = annotate(world, req, rng)[1], annotate(world, req, rng)[1]
@@ -212,4 +213,7 @@ def annotator_preferences(n: int = 2000, seed: int = 0, split: str = "train", wo
             convs.append(conv)
             a.append(ra)
             b.append(rb)
-    return label_pairs(convs, a, b, seed=seed, world=world)
+    pairs = label_pairs(convs, a, b, seed=seed, world=world)
+    if len(pairs) < n:
+        raise ValueError(f"only {len(pairs)} informative pairs among {len(convs)} drawn; ask for fewer")
+    return pairs.select(range(n))
