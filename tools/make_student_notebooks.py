@@ -145,8 +145,9 @@ def student_version(solution_nb, name: str):
         c.metadata = {"tags": tags} if tags else {}
         cells.append(c)
     nb.cells = cells
-    nb.metadata = {k: v for k, v in nb.metadata.items() if k in ("kernelspec", "language_info")}
-    nb.metadata["colab"] = {"provenance": []}
+    # nothing that an execution of the solution changes (language_info gains versions when it runs)
+    nb.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+                   "language_info": {"name": "python"}, "colab": {"provenance": []}}
     return nb
 
 

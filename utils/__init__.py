@@ -12,3 +12,5 @@ import warnings
 # Without ipywidgets, tqdm's notebook bars fall back to text bars (which the course uses anyway,
 # because they render in the book); the warning saying so would open every chapter.
 warnings.filterwarnings("ignore", message="IProgress not found")
+# peft 0.21 still reads a transformers property that transformers 5.24 has renamed.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -112,3 +112,27 @@ def describe_runtime() -> str:
     device = pick_device()
     return (f"profile={profile.name} device={device.type} dtype={str(pick_dtype(device)).replace('torch.', '')} "
             f"torch={torch.__version__} transformers={transformers.__version__}")
+
+
+def four_bit_support() -> tuple[bool, str]:
+    """Whether bitsandbytes 4-bit layers work here (CUDA, or its CPU backend), with a message to print.
+
+    Tries one tiny NF4 layer rather than guessing from versions, so the answer is right on
+    unusual machines too; never raises.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return False, "bitsandbytes is not installed (pip install bitsandbytes): QLoRA is skipped"
+    try:
+        import bitsandbytes as bnb
+
+        device = pick_device()
+        layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4").to(device)
+        with torch.no_grad():
+            out = layer(torch.randn(2, 64, device=device))
+        if not torch.isfinite(out).all():
+            return False, "bitsandbytes 4-bit layers give non-finite outputs on this machine: QLoRA is skipped"
+        return True, f"4-bit NF4 works on {device.type} (bitsandbytes {bnb.__version__})"
+    except Exception as e:  # noqa: BLE001 - any failure means "not here", said plainly
+        return False, f"4-bit quantisation is not available here ({type(e).__name__}: {e}): QLoRA is skipped"

@@ -117,3 +117,24 @@ def chat_prompts(tokenizer, conversations: list[list[dict]]) -> list[str]:
 def generate_responses(model, tokenizer, conversations: list[list[dict]], **kwargs) -> list[Generation]:
     """The assistant's next turn for each conversation (see :func:`generate_texts` for options)."""
     return generate_texts(model, tokenizer, chat_prompts(tokenizer, conversations), **kwargs)
+
+
+def load_quantized(model, quantization_config, device_map: str | None = None):
+    """Reload ``model`` with a ``transformers`` quantization config (e.g. bitsandbytes 4-bit).
+
+    Quantisation happens at load time, so the model goes through a temporary folder.
+    """
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    device_map = device_map or next(model.parameters()).device.type
+    hf_logging.disable_progress_bar()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quantization_config,
+                                                        device_map=device_map, use_safetensors=True)
+    finally:
+        hf_logging.enable_progress_bar()

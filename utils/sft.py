@@ -19,6 +19,12 @@ from .tokenizer import check_chat_template
 IGNORE = -100
 
 
+def build_labels(input_ids: list[int], assistant_mask: list[int]) -> list[int]:
+    """Labels for SFT: the token id where the assistant wrote it, -100 elsewhere (not shifted:
+    the model's loss shifts)."""
+    return [t if m else IGNORE for t, m in zip(input_ids, assistant_mask)]
+
+
 def sft_example(tokenizer, messages: list[dict], max_length: int = 256) -> dict:
     """Token ids of a conversation and labels that keep only the assistant's tokens (else -100)."""
     check_chat_template(tokenizer)
@@ -28,7 +34,7 @@ def sft_example(tokenizer, messages: list[dict], max_length: int = 256) -> dict:
     if not any(mask):
         raise ValueError("no assistant tokens found in the conversation: does it end with an assistant turn, "
                          "and does the chat template mark it with {% generation %}?")
-    return {"input_ids": ids, "labels": [t if m else IGNORE for t, m in zip(ids, mask)]}
+    return {"input_ids": ids, "labels": build_labels(ids, mask)}
 
 
 def completion_example(tokenizer, prompt: list[dict], completion: list[dict], max_length: int = 256) -> dict:
@@ -113,3 +119,8 @@ def get_sft_model(profile: Profile | None = None, rebuild: bool = False, show_pr
     recipe = sft_recipe(profile)
     return cache.load_or_build("sft", recipe, lambda: build_sft_model(recipe, profile, show_progress),
                                save_model, load_model, rebuild=rebuild)
+
+
+def save_sft_model(model, tokenizer, profile: Profile | None = None):
+    """Store an SFT model trained with :func:`sft_recipe` (Chapter 2 calls this)."""
+    return cache.save_artifact("sft", sft_recipe(profile), lambda tmp: save_model((model, tokenizer), tmp))
