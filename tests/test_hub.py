@@ -152,3 +152,31 @@ def test_hub_reachable_reports_a_failed_connection(monkeypatch):
 
 def test_hub_error_is_a_runtime_error():
     assert issubclass(hub.HubUnavailableError, RuntimeError)
+
+
+# --- instruction data for Chapter 2 ---------------------------------------------------------
+def test_load_hub_sft_dataset_converts_alpaca_records(tmp_path, tmp_datasets_cache):
+    rows = [{"instruction": f"Give me the number {i}.", "input": "" if i % 2 else f"context {i}", "output": f"{i}."}
+            for i in range(40)]
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    ds = hub.load_hub_sft_dataset(str(path), n=30, validation=5)
+    assert len(ds["train"]) == 30 and len(ds["validation"]) == 5
+    assert ds["train"].column_names == ["messages"]
+    msgs = ds["train"][0]["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant"]
+    record = next(r for r in rows if r["output"] == msgs[1]["content"])
+    assert msgs[0]["content"].startswith(record["instruction"])
+    assert (record["input"] in msgs[0]["content"]) if record["input"] else msgs[0]["content"] == record["instruction"]
+
+
+def test_load_hub_sft_dataset_names_missing_columns(tmp_path, tmp_datasets_cache):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(json.dumps({"question": "q", "answer": "a"}) for _ in range(10)))
+    with pytest.raises(ValueError, match="instruction"):
+        hub.load_hub_sft_dataset(str(path), n=5, validation=2)
+
+
+def test_load_hub_sft_dataset_offline_says_use_tiny():
+    with pytest.raises(hub.HubUnavailableError, match="tiny"):
+        hub.load_hub_sft_dataset("tatsu-lab/alpaca")

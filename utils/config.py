@@ -34,6 +34,7 @@ class Profile:
     base_model: str | None = None
     # data: None means "TinyWorld"
     pretrain_dataset: tuple[str, str | None] | None = None  # (hub name, config)
+    sft_dataset: str | None = None  # an Alpaca-style (instruction/input/output) or `messages` dataset
     # Chapter 1: pretraining
     vocab_size: int = 1024
     seq_len: int = 128
@@ -54,6 +55,7 @@ PROFILES: dict[str, Profile] = {
         name="hub",
         base_model="HuggingFaceTB/SmolLM2-135M",
         pretrain_dataset=("Salesforce/wikitext", "wikitext-2-raw-v1"),
+        sft_dataset="tatsu-lab/alpaca",
         seq_len=256,
         pretrain_steps=200,
         pretrain_batch_size=8,

@@ -56,9 +56,12 @@ def load_hub_tokenizer(name: str):
     tok = _from_pretrained(AutoTokenizer.from_pretrained, name)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if not getattr(tok, "chat_template", None):
+    template = getattr(tok, "chat_template", None) or ""
+    if "generation %}" not in template:
+        # Base checkpoints often have no template, or one without the {% generation %} markers that
+        # assistant-only loss needs; the course's template has them (its role markers become text).
         from .tokenizer import CHAT_TEMPLATE
-        tok.chat_template = CHAT_TEMPLATE  # base checkpoints often have none; ours has generation markers
+        tok.chat_template = CHAT_TEMPLATE
     return tok
 
 
@@ -97,3 +100,35 @@ def load_hub_text_dataset(name: str, config: str | None = None, min_chars: int =
         parts = ds["train"].train_test_split(test_size=0.05, seed=0)
         ds = DatasetDict(train=parts["train"], validation=parts["test"])
     return ds
+
+
+def alpaca_to_messages(record: dict) -> list[dict]:
+    """An Alpaca record (instruction / input / output) as a one-turn chat conversation."""
+    user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+
+
+def load_hub_sft_dataset(name: str, n: int = 3000, validation: int = 300, seed: int = 0):
+    """An instruction dataset from the Hub (or a local file/folder) as ``train``/``validation``
+    splits with a ``messages`` column: Alpaca records are converted, chat datasets kept as they are.
+    """
+    from datasets import DatasetDict, load_dataset
+
+    path = Path(name)
+    if path.is_file():
+        ds = load_dataset(path.suffix.lstrip(".").replace("jsonl", "json"), data_files=str(path))
+    elif path.is_dir():
+        ds = load_dataset(str(path))
+    else:
+        require_hub(name)
+        ds = load_dataset(name)
+    train = ds["train"] if isinstance(ds, DatasetDict) else ds
+    if "messages" not in train.column_names:
+        require_columns(train, ["instruction", "input", "output"], "an Alpaca-style SFT dataset")
+        train = train.map(lambda r: {"messages": alpaca_to_messages(r)}, remove_columns=train.column_names)
+    train = train.select_columns(["messages"]).shuffle(seed=seed)
+    n_total = min(len(train), n + validation)
+    if n_total <= validation:
+        raise ValueError(f"the SFT dataset has only {len(train)} rows; need more than {validation}")
+    train = train.select(range(n_total))
+    return DatasetDict(train=train.select(range(validation, n_total)), validation=train.select(range(validation)))

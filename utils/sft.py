@@ -99,6 +99,17 @@ def train_sft(model, tokenizer, dataset, *, epochs: int = 2, batch_size: int = 3
     return history
 
 
+def load_sft_demos(profile: Profile | None = None, recipe: dict | None = None):
+    """The profile's demonstrations as ``train``/``validation`` with ``messages``: TinyWorld's
+    annotators (with ``style`` and ``gold`` columns) or a Hub instruction dataset."""
+    profile = profile or get_profile()
+    recipe = recipe or sft_recipe(profile)
+    if profile.sft_dataset is None:
+        return sft_dataset(recipe["n_demos"], "messages", seed=recipe["data_seed"], dialogues=recipe["dialogues"])
+    from .hub import load_hub_sft_dataset
+    return load_hub_sft_dataset(profile.sft_dataset, n=recipe["n_demos"], seed=recipe["data_seed"])
+
+
 # --- the SFT model artifact ----------------------------------------------------------------
 def sft_recipe(profile: Profile | None = None) -> dict:
     return {"base": base_recipe(profile), "n_demos": 3000, "dialogues": 0.15, "data_seed": 0,
