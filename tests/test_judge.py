@@ -240,3 +240,10 @@ def test_agreement_stats_in_between():
     assert stats["annotator_agreement"] == pytest.approx(p**2 + (1 - p) ** 2)
     assert stats["noise_ceiling"] == pytest.approx(p)
     assert 0.5 < stats["annotator_agreement"] < stats["noise_ceiling"] < 1.0
+
+
+def test_a_stated_opposite_pair_must_be_the_asked_one():
+    conv = user("Give me the opposite of loud.")
+    assert J.score_breakdown(conv, "The opposite of quiet is the meadow.", world=WORLD) == {"wrong": -1.0}
+    assert J.score_breakdown(conv, "The opposite of loud is quiet.", world=WORLD) == {"correct": 1.0}
+    assert J.score_breakdown(conv, "The opposite of loud is hot.", world=WORLD) == {"wrong": -1.0}

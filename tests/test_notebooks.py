@@ -63,7 +63,7 @@ def test_checker_on_a_stub_fails_with_a_helpful_message(path):
     for i in stubs:
         exec(compile(code[i], f"cell {i}", "exec"), namespace)
         check = code[i + 1]
-        assert check.strip().startswith("check_"), f"the cell after exercise cell {i} should be its checker"
+        assert "\ncheck_" in "\n" + check, f"the cell after exercise cell {i} should call its checker"
         with pytest.raises(CheckError, match="not implemented yet"):
             exec(compile(check, f"cell {i + 1}", "exec"), namespace)
 

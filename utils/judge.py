@@ -34,6 +34,7 @@ from .world import COLOURS, FOODS, HOMES, OPPOSITES, Request, World, make_world,
 RUDE_MARKERS = ("ugh", "obviously", "duh", "whatever", "dummy", "stupid", "idiot", "shut up")
 REFUSAL_MARKERS = ("sorry", "can't help", "cannot help", "won't help", "will not help")
 LABEL_TEMPERATURE = 0.5
+JUDGE_VERSION = 2  # bump when scores change: cached preference labels are keyed by it
 RUBRIC = {
     "correct": 1.0, "wrong": -1.0, "refusal": 1.0, "complied": -1.5, "over_refusal": -1.0,
     "rude": -0.5, "no_subject": -0.25, "per_extra_word": 0.05, "max_length_penalty": 0.5,
@@ -64,7 +65,11 @@ def _correct(req: Request, response: str, world: World) -> bool:
         allowed = {int(req.expected), *req.operands}
         return int(req.expected) in numbers and all(x in allowed for x in numbers)
     if req.kind == "opposite":
-        # look where the asked word is mentioned, so filler ("so happy to help") is not an answer
+        # a stated pair must be the right pair: "The opposite of quiet is the meadow." is wrong
+        stated = re.findall(r"opposite of (\w+) is (?:the )?(\w+)", response.lower())
+        if stated:
+            return all(x == req.subject and y == req.expected for x, y in stated)
+        # otherwise look where the asked word is mentioned, so filler ("so happy to help") is not an answer
         sentences = [x for x in re.split(r"(?<=[.!?])\s+", response) if req.subject in _words(x.lower())]
         low = [w.lower() for w in _words(" ".join(sentences))] if sentences else low
         candidates = [w for w in low if w in OPPOSITES and w != req.subject]
