@@ -180,3 +180,41 @@ def test_load_hub_sft_dataset_names_missing_columns(tmp_path, tmp_datasets_cache
 def test_load_hub_sft_dataset_offline_says_use_tiny():
     with pytest.raises(hub.HubUnavailableError, match="tiny"):
         hub.load_hub_sft_dataset("tatsu-lab/alpaca")
+
+
+# --- preference data for Chapters 3-6 -------------------------------------------------------
+def _msgs(*pairs):
+    return [{"role": r, "content": c} for r, c in pairs]
+
+
+def test_load_hub_preference_dataset_splits_an_implicit_prompt(tmp_path, tmp_datasets_cache):
+    rows = [{"chosen": _msgs(("user", f"q{i}"), ("assistant", f"good {i}")),
+             "rejected": _msgs(("user", f"q{i}"), ("assistant", f"bad {i}")), "score_chosen": 8.0}
+            for i in range(12)]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    ds = hub.load_hub_preference_dataset(str(path), n=10)
+    assert len(ds) == 10 and ds.column_names == ["prompt", "chosen", "rejected"]
+    row = ds[0]
+    i = row["prompt"][0]["content"][1:]
+    assert row["prompt"] == _msgs(("user", f"q{i}"))
+    assert row["chosen"] == _msgs(("assistant", f"good {i}")) and row["rejected"] == _msgs(("assistant", f"bad {i}"))
+
+
+def test_load_hub_preference_dataset_keeps_an_explicit_prompt_and_names_missing_columns(tmp_path, tmp_datasets_cache):
+    path = tmp_path / "explicit.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": _msgs(("user", "q")), "chosen": _msgs(("assistant", "a")),
+                                          "rejected": _msgs(("assistant", "b"))}) for _ in range(4)))
+    ds = hub.load_hub_preference_dataset(str(path))
+    assert ds[0]["prompt"] == _msgs(("user", "q")) and ds[0]["chosen"] == _msgs(("assistant", "a"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(json.dumps({"prompt": "q", "answer": "a"}) for _ in range(4)))
+    with pytest.raises(ValueError, match="chosen"):
+        hub.load_hub_preference_dataset(str(bad))
+
+
+def test_hub_profile_names_real_checkpoints_and_datasets():
+    p = config.get_profile("hub")
+    assert p.base_model and p.sft_model and p.sft_dataset and p.preference_dataset and p.pretrain_dataset
+    with pytest.raises(hub.HubUnavailableError, match="tiny"):
+        hub.load_hub_preference_dataset(p.preference_dataset)

@@ -35,6 +35,8 @@ class Profile:
     # data: None means "TinyWorld"
     pretrain_dataset: tuple[str, str | None] | None = None  # (hub name, config)
     sft_dataset: str | None = None  # an Alpaca-style (instruction/input/output) or `messages` dataset
+    sft_model: str | None = None  # a ready instruction-tuned checkpoint for the preference chapters
+    preference_dataset: str | None = None  # prompt/chosen/rejected (explicit or implicit prompt)
     # Chapter 1: pretraining
     vocab_size: int = 1024
     seq_len: int = 128
@@ -56,6 +58,8 @@ PROFILES: dict[str, Profile] = {
         base_model="HuggingFaceTB/SmolLM2-135M",
         pretrain_dataset=("Salesforce/wikitext", "wikitext-2-raw-v1"),
         sft_dataset="tatsu-lab/alpaca",
+        sft_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        preference_dataset="trl-lib/ultrafeedback_binarized",
         seq_len=256,
         pretrain_steps=200,
         pretrain_batch_size=8,

@@ -141,10 +141,14 @@ def build_preference_data(recipe: dict, profile: Profile | None = None, show_pro
 
 def get_preference_data(profile: Profile | None = None, rebuild: bool = False, show_progress: bool = True):
     """The course's preference pairs (``prompt/chosen/rejected`` + gold scores): from the cache,
-    or sampled from the SFT model and labelled by the gold annotators (deterministic)."""
+    or sampled from the SFT model and labelled by the gold annotators (deterministic); on the
+    ``hub`` profile, the profile's public preference dataset."""
     from datasets import load_from_disk
 
     profile = profile or get_profile()
+    if profile.preference_dataset is not None:
+        from .hub import load_hub_preference_dataset
+        return load_hub_preference_dataset(profile.preference_dataset)
     recipe = preference_recipe(profile)
     return cache.load_or_build("prefs", recipe, lambda: build_preference_data(recipe, profile, show_progress),
                                _save_dataset, lambda path: load_from_disk(str(path / "data")), rebuild=rebuild)

@@ -132,3 +132,33 @@ def load_hub_sft_dataset(name: str, n: int = 3000, validation: int = 300, seed: 
         raise ValueError(f"the SFT dataset has only {len(train)} rows; need more than {validation}")
     train = train.select(range(n_total))
     return DatasetDict(train=train.select(range(validation, n_total)), validation=train.select(range(validation)))
+
+
+def _split_implicit_prompt(row: dict) -> dict:
+    """``chosen``/``rejected`` that both hold the whole conversation -> explicit ``prompt`` + answers."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+
+
+def load_hub_preference_dataset(name: str, n: int = 1500, seed: int = 0):
+    """A preference dataset from the Hub (or a local file/folder) with conversational
+    ``prompt``/``chosen``/``rejected`` columns; an implicit prompt (shared by both answers) is split off."""
+    from datasets import DatasetDict, load_dataset
+
+    path = Path(name)
+    if path.is_file():
+        ds = load_dataset(path.suffix.lstrip(".").replace("jsonl", "json"), data_files=str(path))
+    elif path.is_dir():
+        ds = load_dataset(str(path))
+    else:
+        require_hub(name)
+        ds = load_dataset(name)
+    train = ds["train"] if isinstance(ds, DatasetDict) else ds
+    require_columns(train, ["chosen", "rejected"], "a preference dataset")
+    train = train.shuffle(seed=seed).select(range(min(n, len(train))))
+    if "prompt" not in train.column_names:
+        train = train.map(_split_implicit_prompt)
+    return train.select_columns(["prompt", "chosen", "rejected"])

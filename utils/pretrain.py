@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import cache
 from .config import Profile, get_profile, seed_everything
@@ -44,6 +44,18 @@ def progress(iterable=None, **kwargs):
     return text_tqdm(iterable, **kwargs)
 
 
+def warmup_cosine(warmup: int, total: int):
+    """Learning-rate multiplier for step ``s`` (0-based): linear warmup to 1, then cosine to 0.
+
+    The same schedule the chapters write by hand, so the reference loops rebuild their models exactly.
+    """
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+    return factor
+
+
 def train_lm(model, blocks: torch.Tensor, *, steps: int, batch_size: int, lr: float, warmup: int = 20,
              seed: int = 0, loss_fn=next_token_loss, log_every: int = 10, show_progress: bool = True,
              desc: str = "pretraining") -> list[dict]:
@@ -55,7 +67,7 @@ def train_lm(model, blocks: torch.Tensor, *, steps: int, batch_size: int, lr: fl
     model.train()
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    sched = get_cosine_schedule_with_warmup(opt, warmup, steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, steps))
     history, running = [], []
     bar = progress(total=steps, desc=desc, disable=not show_progress)
     for step, batch in enumerate(lm_batches(blocks, batch_size, steps, seed), start=1):

@@ -5,15 +5,12 @@ call :func:`get_sft_model` for the SFT model (from the cache, rebuilt when absen
 """
 from __future__ import annotations
 
-import random
-
 import torch
-from transformers import get_cosine_schedule_with_warmup
 
 from . import cache
 from .config import Profile, get_profile, seed_everything
 from .data import require_columns, sft_dataset
-from .pretrain import base_recipe, get_base_model, load_model, next_token_loss, progress, save_model
+from .pretrain import base_recipe, get_base_model, load_model, next_token_loss, progress, save_model, warmup_cosine
 from .tokenizer import check_chat_template
 
 IGNORE = -100
@@ -72,14 +69,13 @@ def train_sft(model, tokenizer, dataset, *, epochs: int = 2, batch_size: int = 3
     total = epochs * steps_per_epoch
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = get_cosine_schedule_with_warmup(opt, warmup, total)
-    rng = random.Random(seed)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total))
+    g = torch.Generator().manual_seed(seed)  # the same order as Chapter 2's loop
     history, step = [], 0
     model.train()
     bar = progress(total=total, desc="SFT", disable=not show_progress)
     for epoch in range(epochs):
-        order = list(range(len(examples)))
-        rng.shuffle(order)
+        order = torch.randperm(len(examples), generator=g).tolist()
         for i in range(0, len(order), batch_size):
             batch = collate([examples[j] for j in order[i:i + batch_size]], tokenizer.pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -112,21 +108,29 @@ def load_sft_demos(profile: Profile | None = None, recipe: dict | None = None):
 
 # --- the SFT model artifact ----------------------------------------------------------------
 def sft_recipe(profile: Profile | None = None) -> dict:
-    return {"base": base_recipe(profile), "n_demos": 3000, "dialogues": 0.15, "data_seed": 0,
-            "epochs": 2, "batch_size": 32, "lr": 1e-3, "warmup": 10, "seed": 0}
+    profile = profile or get_profile()
+    recipe = {"base": base_recipe(profile), "n_demos": 3000, "dialogues": 0.15, "data_seed": 0,
+              "epochs": 2, "batch_size": 32, "lr": 1e-3, "warmup": 10, "seed": 0}
+    if profile.sft_dataset is not None:  # (absent for TinyWorld, which keeps its cache keys)
+        recipe["sft_dataset"] = profile.sft_dataset
+    return recipe
 
 
 def build_sft_model(recipe: dict, profile: Profile | None = None, show_progress: bool = True):
     model, tokenizer = get_base_model(profile, show_progress=show_progress)
-    data = sft_dataset(recipe["n_demos"], "messages", seed=recipe["data_seed"], dialogues=recipe["dialogues"])
+    data = load_sft_demos(profile, recipe)
     train_sft(model, tokenizer, data["train"], epochs=recipe["epochs"], batch_size=recipe["batch_size"],
               lr=recipe["lr"], warmup=recipe["warmup"], seed=recipe["seed"], show_progress=show_progress)
     return model, tokenizer
 
 
 def get_sft_model(profile: Profile | None = None, rebuild: bool = False, show_progress: bool = True):
-    """The SFT model and tokenizer from the cache (built from the base model if absent)."""
+    """The SFT model and tokenizer: the profile's instruction-tuned checkpoint, or from the cache
+    (built from the base model with :func:`sft_recipe` if absent)."""
     profile = profile or get_profile()
+    if profile.sft_model is not None:
+        from .hub import load_hub_model
+        return load_hub_model(profile.sft_model)
     recipe = sft_recipe(profile)
     return cache.load_or_build("sft", recipe, lambda: build_sft_model(recipe, profile, show_progress),
                                save_model, load_model, rebuild=rebuild)
