@@ -59,3 +59,53 @@ def mean_ci(values, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     boots = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
     return {"mean": float(v.mean()), "low": float(np.quantile(boots, 0.025)), "high": float(np.quantile(boots, 0.975))}
+
+
+class PeakMemory:
+    """Context manager: the peak resident memory of this process while the block runs, sampled
+    every 50 ms, in MB, as ``.peak_mb`` (and ``.extra_mb``, the rise above the start)."""
+
+    def __init__(self, every: float = 0.05):
+        import threading
+
+        self.every, self.peak, self.start = every, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _rss(self) -> int:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self.start = self.peak = self._rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.peak_mb, self.extra_mb = self.peak / 2**20, (self.peak - self.start) / 2**20
+
+
+def count_sequences(*models):
+    """Attach counters of the sequences each model processes (rows of ``input_ids`` per forward call).
+
+    Returns ``(counts, handles)``: a dict that fills up as the models run (calls under
+    ``torch.no_grad()`` counted apart), and the hook handles to ``.remove()`` when done."""
+    counts = {"with_grad": 0, "without_grad": 0}
+
+    def hook(module, args, kwargs):
+        import torch
+
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:
+            counts["with_grad" if torch.is_grad_enabled() else "without_grad"] += int(ids.shape[0])
+
+    return counts, [m.register_forward_pre_hook(hook, with_kwargs=True) for m in models]
