@@ -15,52 +15,21 @@ import os
 import platform
 import re
 import sys
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import nbformat
-import psutil
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from utils.evaluate import PeakMemory  # noqa: E402
 TIMINGS = ROOT / "benchmarks" / "timings.json"
 README = ROOT / "README.md"
 START, END = "<!-- timings:start -->", "<!-- timings:end -->"
 BUDGETS_S = {"03_rlhf": 240, "06_project2": 240}  # COURSE.md §7; every other notebook: 120 s
 DEFAULT_BUDGET_S, MEMORY_BUDGET_MB = 120, 3072
-
-
-class PeakMemory:
-    """Samples the summed RSS of the descendants of process ``pid`` (the kernel and anything it
-    starts; not ``pid`` itself) until stopped."""
-
-    def __init__(self, pid: int, every: float = 0.2):
-        self.pid, self.every, self.peak = pid, every, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        try:
-            proc = psutil.Process(self.pid)
-        except psutil.Error:
-            return
-        while not self._stop.is_set():
-            try:
-                rss = sum(c.memory_info().rss for c in proc.children(recursive=True))
-                self.peak = max(self.peak, rss)
-            except psutil.Error:
-                pass
-            self._stop.wait(self.every)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def collapse_carriage_returns(nb) -> None:
@@ -78,7 +47,7 @@ def execute(path: Path, save: bool, timeout: int) -> dict:
                             resources={"metadata": {"path": str(path.parent)}})
     env_note = os.environ.get("COURSE_PROFILE", "tiny")
     start = time.perf_counter()
-    with PeakMemory(os.getpid()) as mem:
+    with PeakMemory(os.getpid(), children=True, every=0.2) as mem:
         client.execute()
     wall = time.perf_counter() - start
     collapse_carriage_returns(nb)
