@@ -45,7 +45,7 @@ def execute(path: Path, save: bool, timeout: int) -> dict:
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})
-    env_note = os.environ.get("COURSE_PROFILE", "tiny")
+    profile = os.environ.get("COURSE_PROFILE", "tiny")
     start = time.perf_counter()
     with PeakMemory(os.getpid(), children=True, every=0.2) as mem:
         client.execute()
@@ -56,7 +56,7 @@ def execute(path: Path, save: bool, timeout: int) -> dict:
     if save:
         nbformat.write(nb, path)
     budget = BUDGETS_S.get(path.stem, DEFAULT_BUDGET_S)
-    return {"notebook": path.name, "profile": env_note, "wall_s": round(wall, 1), "peak_mb": round(mem.peak / 2**20),
+    return {"notebook": path.name, "profile": profile, "wall_s": round(wall, 1), "peak_mb": round(mem.peak_mb),
             "budget_s": budget, "within_budget": wall <= budget and mem.peak / 2**20 <= MEMORY_BUDGET_MB}
 
 
