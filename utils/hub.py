@@ -76,21 +76,28 @@ def load_hub_model(name: str, device=None, dtype=None):
     return model, load_hub_tokenizer(name)
 
 
+def _load_dataset(name: str, config: str | None = None):
+    """``datasets.load_dataset`` for a Hub id (after checking the Hub is reachable), a local
+    folder, or a local data file (json, jsonl, parquet, csv)."""
+    from datasets import load_dataset
+
+    path = Path(name)
+    if path.is_file():
+        return load_dataset(path.suffix.lstrip(".").replace("jsonl", "json"), data_files=str(path))
+    if path.is_dir():
+        return load_dataset(str(path))
+    require_hub(name)
+    return load_dataset(name, config)
+
+
 def load_hub_text_dataset(name: str, config: str | None = None, min_chars: int = 20):
     """A wikitext-shaped dataset (``train``/``validation`` with a ``text`` column), empty lines dropped.
 
     ``name`` may be a Hub id or a local folder / data file (json, jsonl, parquet, csv).
     """
-    from datasets import DatasetDict, load_dataset
+    from datasets import DatasetDict
 
-    path = Path(name)
-    if path.is_file():
-        ds = load_dataset(path.suffix.lstrip(".").replace("jsonl", "json"), data_files=str(path))
-    elif path.is_dir():
-        ds = load_dataset(str(path))
-    else:
-        require_hub(name)
-        ds = load_dataset(name, config)
+    ds = _load_dataset(name, config)
     if not isinstance(ds, DatasetDict):
         ds = DatasetDict(train=ds)
     for split in ds.values():
@@ -112,16 +119,9 @@ def load_hub_sft_dataset(name: str, n: int = 3000, validation: int = 300, seed: 
     """An instruction dataset from the Hub (or a local file/folder) as ``train``/``validation``
     splits with a ``messages`` column: Alpaca records are converted, chat datasets kept as they are.
     """
-    from datasets import DatasetDict, load_dataset
+    from datasets import DatasetDict
 
-    path = Path(name)
-    if path.is_file():
-        ds = load_dataset(path.suffix.lstrip(".").replace("jsonl", "json"), data_files=str(path))
-    elif path.is_dir():
-        ds = load_dataset(str(path))
-    else:
-        require_hub(name)
-        ds = load_dataset(name)
+    ds = _load_dataset(name)
     train = ds["train"] if isinstance(ds, DatasetDict) else ds
     if "messages" not in train.column_names:
         require_columns(train, ["instruction", "input", "output"], "an Alpaca-style SFT dataset")
@@ -146,16 +146,9 @@ def _split_implicit_prompt(row: dict) -> dict:
 def load_hub_preference_dataset(name: str, n: int = 1500, seed: int = 0):
     """A preference dataset from the Hub (or a local file/folder) with conversational
     ``prompt``/``chosen``/``rejected`` columns; an implicit prompt (shared by both answers) is split off."""
-    from datasets import DatasetDict, load_dataset
+    from datasets import DatasetDict
 
-    path = Path(name)
-    if path.is_file():
-        ds = load_dataset(path.suffix.lstrip(".").replace("jsonl", "json"), data_files=str(path))
-    elif path.is_dir():
-        ds = load_dataset(str(path))
-    else:
-        require_hub(name)
-        ds = load_dataset(name)
+    ds = _load_dataset(name)
     train = ds["train"] if isinstance(ds, DatasetDict) else ds
     require_columns(train, ["chosen", "rejected"], "a preference dataset")
     train = train.shuffle(seed=seed).select(range(min(n, len(train))))
