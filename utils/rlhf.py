@@ -1,16 +1,21 @@
-"""RLHF, reference version, part 1: the reward model (Bradley-Terry on preference pairs).
+"""RLHF, reference version: a reward model and PPO against it.
 
-A reward model is the SFT model with its language-model head replaced by a scalar head
-(``AutoModelForSequenceClassification`` with one label, which reads the last non-padding
-token) - the layout ``trl.RewardTrainer`` trains. It is fitted to preference pairs with the
-Bradley-Terry loss ``-log sigmoid(r(x, y_w) - r(x, y_l))`` (InstructGPT, eq. 1).
+Part 1, the reward model. It is the SFT model with its language-model head replaced by a
+scalar head (``AutoModelForSequenceClassification`` with one label, which reads the last
+non-padding token) - the layout ``trl.RewardTrainer`` trains. It is fitted to preference pairs
+with the Bradley-Terry loss ``-log sigmoid(r(x, y_w) - r(x, y_l))`` (InstructGPT, eq. 1).
 
-Chapter 3 will write this from scratch and compare with ``RewardTrainer``; the PPO loop that
-optimises against the reward model is still to come (issue: Chapter 3).
+Part 2, PPO (Schulman et al. 2017; as used for RLHF by Ziegler et al. 2019 and InstructGPT).
+TRL removed its ``PPOTrainer`` in 1.13, so this is the course's own, written to be read: a
+rollout, per-token rewards with a KL penalty, GAE, the clipped policy and value losses, and a
+loop of minibatch epochs. Chapter 3 writes the same pieces from scratch as exercises;
+Project 2 calls :func:`train_ppo`.
 """
 from __future__ import annotations
 
+import copy
 import tempfile
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -112,3 +117,326 @@ def pairwise_accuracy(rm, tokenizer, pairs) -> dict[str, float]:
         prefers_chosen = rc > rr
         out["vs_gold"] = float((prefers_chosen == (gc > gr))[decided].float().mean())
     return out
+
+
+# --- Part 2: PPO ----------------------------------------------------------------------------
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over the entries where ``mask`` is 1 (every token of the batch counts once)."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``x`` shifted and scaled to mean 0 and standard deviation 1 over the masked entries; 0 elsewhere."""
+    mask = mask.to(x.dtype)
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def per_token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                      mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """The reward PPO maximises, token by token (Ziegler et al. 2019, eq. 2; InstructGPT, eq. 2):
+
+    ``r_t = -kl_coef * (log pi(y_t) - log pi_ref(y_t))`` on every response token, plus the
+    sequence's ``score`` on its last token. Higher ``kl_coef`` = stay closer to the reference.
+
+    scores: ``[B]``; logprobs, ref_logprobs, mask: ``[B, T]`` (mask is 1 on the response's tokens,
+    which start at position 0 and are right-padded). Returns ``[B, T]``, 0 on padding.
+    """
+    mask = mask.to(logprobs.dtype)
+    lengths = mask.sum(1).long()
+    if (lengths == 0).any():
+        raise ValueError("a response has no tokens: every response needs at least its end token")
+    rewards = -kl_coef * (logprobs - ref_logprobs) * mask
+    rewards[torch.arange(len(scores)), lengths - 1] += scores
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eqs. 11-16), computed backwards:
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t`` and ``A_t = delta_t + gamma * lam * A_{t+1}``, with
+    ``V = 0`` after the last response token. ``lam = 1`` gives Monte-Carlo returns (unbiased, noisy),
+    ``lam = 0`` one-step TD (biased by the value model, quiet). Inputs ``[B, T]``; returns
+    ``(advantages, returns = advantages + values)``, both ``[B, T]`` and 0 on padding.
+    """
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip: float = 0.2) -> torch.Tensor:
+    """The clipped surrogate objective, negated (Schulman et al. 2017, eq. 7), averaged over tokens:
+
+    ``max(-A * ratio, -A * clip(ratio, 1 - clip, 1 + clip))`` with ``ratio = exp(logp - old_logp)``.
+    The clip removes the incentive to move a token's probability more than ``clip`` away from
+    where the rollout had it. Inputs ``[B, T]``; returns a scalar.
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
+    return masked_mean(torch.maximum(unclipped, clipped), mask)
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                   mask: torch.Tensor, clip: float = 0.2) -> torch.Tensor:
+    """The clipped value loss (as in OpenAI's baselines and TRL's former PPO):
+
+    ``0.5 * max((V - R)^2, (V_clipped - R)^2)`` with ``V_clipped = old_V + clip(V - old_V, -clip, clip)``,
+    averaged over tokens. Inputs ``[B, T]``; returns a scalar.
+    """
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses, as token ids.
+
+    ``query`` ``[B, P]`` is the chat-formatted prompt, left-padded; ``response`` ``[B, T]`` the
+    sampled tokens up to and including the first end token, right-padded; the masks are 1 on
+    real tokens. ``finished`` is true where the response ended its turn (the end-of-turn token).
+    """
+    conversations: list
+    query: torch.Tensor
+    query_mask: torch.Tensor
+    response: torch.Tensor
+    response_mask: torch.Tensor
+    finished: torch.Tensor
+    texts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, index) -> "Rollout":
+        """The rows ``index``, without the padding columns that only other rows needed."""
+        index = torch.as_tensor(index)
+        qm, rm = self.query_mask[index], self.response_mask[index]
+        q0 = int((qm.sum(0) > 0).nonzero()[0])  # first column any of these prompts uses (left padding)
+        r1 = int(rm.sum(1).max())  # longest of these responses (right padding)
+        return Rollout([self.conversations[i] for i in index.tolist()], self.query[index][:, q0:], qm[:, q0:],
+                       self.response[index][:, :r1], rm[:, :r1], self.finished[index],
+                       [self.texts[i] for i in index.tolist()])
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """``input_ids``, ``attention_mask`` and ``position_ids`` of prompt + response (positions skip the left padding)."""
+        attention_mask = torch.cat([self.query_mask, self.response_mask], 1)
+        return {"input_ids": torch.cat([self.query, self.response], 1), "attention_mask": attention_mask,
+                "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0)}
+
+
+@torch.no_grad()
+def sample_rollout(policy, tokenizer, conversations, *, max_new_tokens: int = 40, temperature: float = 1.0,
+                   seed: int = 0) -> Rollout:
+    """Sample one response per conversation from ``policy`` (pure sampling at ``temperature``: no top-k/top-p,
+    so the log-probabilities PPO computes are those of the distribution that was sampled)."""
+    from .models import _left_padding, chat_prompts
+
+    device = next(policy.parameters()).device
+    stop = policy.generation_config.eos_token_id
+    stop = set(stop if isinstance(stop, list) else [stop])
+    with _left_padding(tokenizer):
+        enc = tokenizer(chat_prompts(tokenizer, conversations), return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(device)
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        torch.manual_seed(seed)
+        seqs = policy.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                               max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    new = seqs[:, enc["input_ids"].shape[1]:].tolist()
+    kept, finished = [], []
+    for ids in new:
+        cut = next((i for i, t in enumerate(ids) if t in stop), None)
+        kept.append(ids if cut is None else ids[:cut + 1])
+        finished.append(cut is not None and ids[cut] == tokenizer.eos_token_id)
+    width = max(len(k) for k in kept)
+    response = torch.full((len(kept), width), tokenizer.pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((len(kept), width), dtype=torch.long)
+    for i, k in enumerate(kept):
+        response[i, :len(k)] = torch.tensor(k)
+        response_mask[i, :len(k)] = 1
+    texts = [tokenizer.decode(k, skip_special_tokens=True).strip() for k in kept]
+    return Rollout(list(conversations), enc["input_ids"], enc["attention_mask"], response.to(device),
+                   response_mask.to(device), torch.tensor(finished, device=device), texts)
+
+
+def token_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log pi(y_t | x, y_<t)`` of each response token and the policy's entropy there, both ``[B, T]``.
+
+    The logits are divided by the sampling ``temperature``: PPO's ratio must compare the
+    distribution the tokens were drawn from. Gradients flow if enabled by the caller.
+    """
+    inputs = rollout.model_inputs()
+    start = rollout.query.shape[1] - 1  # the logits at position i predict token i + 1
+    logits = model(**inputs).logits[:, start:-1].float() / temperature
+    logp_all = logits.log_softmax(-1)
+    logp = torch.gather(logp_all, 2, rollout.response.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    mask = rollout.response_mask
+    return logp * mask, entropy * mask
+
+
+def token_values(value_model, rollout: Rollout) -> torch.Tensor:
+    """The value model's estimate ``V(x, y_<t)`` before each response token, ``[B, T]``.
+
+    The value model is a sequence-classification model (like the reward model); its scalar head
+    is applied to every position's hidden state instead of the last one only.
+    """
+    inputs = rollout.model_inputs()
+    backbone = getattr(value_model, value_model.base_model_prefix)
+    hidden = backbone(**inputs).last_hidden_state
+    start = rollout.query.shape[1] - 1
+    return value_model.score(hidden[:, start:-1]).squeeze(-1).float() * rollout.response_mask
+
+
+def rollout_scores(reward_model, tokenizer, rollout: Rollout) -> torch.Tensor:
+    """The reward model's score of each response, read at the end of the chat-formatted conversation."""
+    return reward_scores(reward_model, tokenizer, rollout.conversations,
+                         [[{"role": "assistant", "content": t}] for t in rollout.texts])
+
+
+def gold_scores(rollout: Rollout) -> list[float]:
+    """The gold judge's score of each response (an unfinished answer is penalised by the rubric)."""
+    from . import judge
+
+    return [judge.score(c, t, bool(f)) for c, t, f in zip(rollout.conversations, rollout.texts, rollout.finished)]
+
+
+@dataclass
+class PPOSettings:
+    """The knobs of :func:`train_ppo`, with the values Chapter 3 uses on the tiny model."""
+    iterations: int = 40  # rollout -> update cycles
+    batch_size: int = 64  # responses per rollout
+    minibatch_size: int = 16
+    ppo_epochs: int = 4  # passes over each rollout
+    lr: float = 2e-5  # policy
+    value_lr: float = 1e-4
+    kl_coef: float = 0.05  # fixed KL penalty; higher = stay closer to the reference
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2
+    value_clip: float = 0.2
+    temperature: float = 1.0
+    max_new_tokens: int = 40
+    missing_eos_penalty: float = 1.0  # subtracted from the (normalised) score of an unfinished response
+    whiten_advantages: bool = True
+    seed: int = 0
+
+
+def reward_normalizer(reward_model, tokenizer, policy, conversations, *, temperature: float = 1.0,
+                      max_new_tokens: int = 40, seed: int = 12345) -> tuple[float, float]:
+    """Mean and standard deviation of the reward model's scores on the (initial) policy's samples.
+
+    Dividing the reward by this scale and subtracting the mean makes the SFT model score 0 on
+    average with unit spread, so that one ``kl_coef`` means the same whatever the reward
+    model's arbitrary offset and scale (InstructGPT normalises the same way).
+    """
+    roll = sample_rollout(policy, tokenizer, conversations, max_new_tokens=max_new_tokens,
+                          temperature=temperature, seed=seed)
+    s = rollout_scores(reward_model, tokenizer, roll)
+    return float(s.mean()), float(s.std())
+
+
+def train_ppo(policy, reference, value_model, reward_model, tokenizer, conversations, settings: PPOSettings,
+              reward_norm: tuple[float, float] = (0.0, 1.0), gold: bool = True, show_progress: bool = True,
+              callback=None) -> list[dict]:
+    """Optimise ``policy`` against ``reward_model`` with PPO; ``reference`` is frozen.
+
+    ``reward_model`` is a sequence-classification model (scored with :func:`rollout_scores`) or
+    any function ``rollout -> scores[B]``; scores are normalised with ``reward_norm = (mean, std)``.
+
+    Each iteration samples ``batch_size`` prompts from ``conversations`` (a seeded shuffle,
+    cycled), rolls out one response each, scores it, turns the scores into per-token rewards and
+    advantages, and takes ``ppo_epochs`` passes of minibatch updates over the rollout. All models
+    stay in eval mode (no dropout: the log-probabilities of the update must match the rollout's).
+    ``callback(iteration, history)`` runs after every iteration. Returns one dict per iteration; with
+    ``gold`` (TinyWorld prompts only) each records the gold judge's mean score of the rollout too.
+    """
+    s = settings
+    seed_everything(s.seed)
+    for m in (policy, reference, value_model, reward_model):
+        if isinstance(m, torch.nn.Module):
+            m.eval()
+    opt_policy = torch.optim.AdamW(policy.parameters(), lr=s.lr, weight_decay=0.0)
+    opt_value = torch.optim.AdamW(value_model.parameters(), lr=s.value_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(s.seed)
+    order, cursor = torch.randperm(len(conversations), generator=g).tolist(), 0
+    history, bar = [], progress(total=s.iterations, desc="PPO", disable=not show_progress)
+    mean, std = reward_norm
+    for it in range(s.iterations):
+        if cursor + s.batch_size > len(order):
+            order, cursor = torch.randperm(len(conversations), generator=g).tolist(), 0
+        batch = [conversations[i] for i in order[cursor:cursor + s.batch_size]]
+        cursor += s.batch_size
+        # 1. rollout and score (no gradients)
+        roll = sample_rollout(policy, tokenizer, batch, max_new_tokens=s.max_new_tokens,
+                              temperature=s.temperature, seed=s.seed * 100_003 + it)
+        mask = roll.response_mask
+        with torch.no_grad():
+            old_logp, entropy = token_logprobs(policy, roll, s.temperature)
+            ref_logp, _ = token_logprobs(reference, roll, s.temperature)
+            old_values = token_values(value_model, roll)
+            raw = (rollout_scores(reward_model, tokenizer, roll) if isinstance(reward_model, torch.nn.Module)
+                   else torch.as_tensor(reward_model(roll), dtype=torch.float32, device=mask.device))
+            score = (raw - mean) / std - s.missing_eos_penalty * (~roll.finished).float()
+            # 2. per-token rewards, advantages and returns
+            rewards = per_token_rewards(score, old_logp, ref_logp, mask, s.kl_coef)
+            advantages, returns = gae(rewards, old_values, mask, s.gamma, s.lam)
+            if s.whiten_advantages:
+                advantages = whiten(advantages, mask)
+        # 3. several epochs of minibatch updates on this rollout
+        stats = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": []}
+        for _ in range(s.ppo_epochs):
+            perm = torch.randperm(len(roll), generator=g)
+            for i in range(0, len(roll), s.minibatch_size):
+                idx = perm[i:i + s.minibatch_size]
+                sub = roll.subset(idx)  # trimmed to these rows' longest prompt and answer
+                w, m = sub.response.shape[1], sub.response_mask
+                logp, _ = token_logprobs(policy, sub, s.temperature)
+                pl = ppo_policy_loss(logp, old_logp[idx, :w], advantages[idx, :w], m, s.clip)
+                opt_policy.zero_grad(set_to_none=True)
+                pl.backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+                opt_policy.step()
+                vl = ppo_value_loss(token_values(value_model, sub), old_values[idx, :w], returns[idx, :w], m, s.value_clip)
+                opt_value.zero_grad(set_to_none=True)
+                vl.backward()
+                torch.nn.utils.clip_grad_norm_(value_model.parameters(), 1.0)
+                opt_value.step()
+                with torch.no_grad():
+                    ratio = torch.exp(logp - old_logp[idx, :w])
+                    stats["policy_loss"].append(pl.item())
+                    stats["value_loss"].append(vl.item())
+                    stats["clipfrac"].append(masked_mean(((ratio - 1).abs() > s.clip).float(), m).item())
+                    stats["approx_kl"].append(masked_mean(old_logp[idx, :w] - logp, m).item())
+        kl = ((old_logp - ref_logp) * mask).sum(1)
+        history.append({
+            "iteration": it + 1, "reward": float(raw.mean()), "score": float(score.mean()),
+            **({"gold": sum(gold_scores(roll)) / len(roll)} if gold else {}), "kl": float(kl.mean()),
+            "entropy": float(masked_mean(entropy, mask)), "finished": float(roll.finished.float().mean()),
+            "length": float(mask.sum(1).float().mean()),
+            **{k: sum(v) / len(v) for k, v in stats.items()},
+        })
+        if callback is not None:
+            callback(it + 1, history)
+        bar.set_postfix(reward=f"{history[-1]['score']:.2f}", kl=f"{history[-1]['kl']:.2f}")
+        bar.update(1)
+    bar.close()
+    return history
+
+
+def value_model_from(reward_model):
+    """The value model starts as a copy of the reward model (TRL's former PPO and InstructGPT did the same):
+    its head already tells good answers from bad ones, so early advantages are not noise."""
+    vm = copy.deepcopy(reward_model)
+    vm.requires_grad_(True)
+    return vm
