@@ -1,6 +1,7 @@
 """The `hub` profile's loaders, run offline on local fixtures of the Hub's shape."""
 import copy
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -218,3 +219,20 @@ def test_hub_profile_names_real_checkpoints_and_datasets():
     assert p.base_model and p.sft_model and p.sft_dataset and p.preference_dataset and p.pretrain_dataset
     with pytest.raises(hub.HubUnavailableError, match="tiny"):
         hub.load_hub_preference_dataset(p.preference_dataset)
+
+
+def test_rlhf_runs_on_a_hub_shaped_model_and_real_prompts(hub_folder):
+    """Chapter 3 on the hub profile: a reward model and PPO on a Hub-layout checkpoint, with
+    prompts the gold judge cannot score (so PPO records no gold score)."""
+    from utils.hub import load_hub_model
+    from utils.rlhf import PPOSettings, reward_model_from, rollout_scores, sample_rollout, train_ppo, value_model_from
+
+    model, tok = load_hub_model(str(hub_folder))
+    prompts = [[{"role": "user", "content": f"Write one sentence about the number {i}."}] for i in range(8)]
+    rm = reward_model_from(model, tok)
+    scores = rollout_scores(rm, tok, sample_rollout(model, tok, prompts, max_new_tokens=6))
+    assert scores.shape == (8,)
+    s = PPOSettings(iterations=2, batch_size=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=6)
+    history = train_ppo(copy.deepcopy(model), model, value_model_from(rm), rm, tok, prompts, s,
+                        reward_norm=(float(scores.mean()), float(scores.std()) + 1e-6), gold=False, show_progress=False)
+    assert len(history) == 2 and "gold" not in history[0] and all(math.isfinite(h["reward"]) for h in history)
