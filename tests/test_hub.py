@@ -236,3 +236,33 @@ def test_rlhf_runs_on_a_hub_shaped_model_and_real_prompts(hub_folder):
     history = train_ppo(copy.deepcopy(model), model, value_model_from(rm), rm, tok, prompts, s,
                         reward_norm=(float(scores.mean()), float(scores.std()) + 1e-6), gold=False, show_progress=False)
     assert len(history) == 2 and "gold" not in history[0] and all(math.isfinite(h["reward"]) for h in history)
+
+
+def test_a_public_reward_model_can_stand_in_for_the_gold_judge(tmp_path, tiny_model, tiny_tokenizer):
+    """Project 2 on the hub profile: real prompts, scored by a reward model loaded the Hub's way."""
+    from utils.evaluate import evaluate
+    from utils.hub import load_hub_judge
+    from utils.rlhf import reward_model_from
+
+    folder = tmp_path / "reward-model"
+    reward_model_from(tiny_model, tiny_tokenizer).save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(folder)
+    judge = load_hub_judge(str(folder))
+    prompts = [[{"role": "user", "content": f"Tell me a fact about the number {i}."}] for i in range(5)]
+    df = evaluate(tiny_model, tiny_tokenizer, prompts, max_new_tokens=6, judge=judge)
+    assert len(df) == 5 and df["gold"].map(math.isfinite).all() and df["correct"].isna().all()
+    assert set(df.columns) >= {"response", "finished", "rude", "refused"}
+    assert config.get_profile("hub").judge_model and config.get_profile("tiny").judge_model is None
+
+
+def test_load_hub_judge_refuses_a_classifier_with_several_outputs(tmp_path, tiny_model, tiny_tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    from utils.hub import load_hub_judge
+
+    folder = tmp_path / "classifier"
+    tiny_model.save_pretrained(folder, safe_serialization=True)
+    AutoModelForSequenceClassification.from_pretrained(folder, num_labels=3).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    with pytest.raises(ValueError, match="3 outputs"):
+        load_hub_judge(str(folder))

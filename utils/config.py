@@ -37,6 +37,7 @@ class Profile:
     sft_dataset: str | None = None  # an Alpaca-style (instruction/input/output) or `messages` dataset
     sft_model: str | None = None  # a ready instruction-tuned checkpoint for the preference chapters
     preference_dataset: str | None = None  # prompt/chosen/rejected (explicit or implicit prompt)
+    judge_model: str | None = None  # a public reward model that stands in for the gold judge (Project 2)
     # Chapter 1: pretraining
     vocab_size: int = 1024
     seq_len: int = 128
@@ -60,6 +61,7 @@ PROFILES: dict[str, Profile] = {
         sft_dataset="tatsu-lab/alpaca",
         sft_model="HuggingFaceTB/SmolLM2-135M-Instruct",
         preference_dataset="trl-lib/ultrafeedback_binarized",
+        judge_model="Skywork/Skywork-Reward-V2-Qwen3-0.6B",
         seq_len=256,
         pretrain_steps=200,
         pretrain_batch_size=8,

@@ -4,29 +4,42 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from . import judge
+from . import judge as judge_rules  # (``judge`` is also an argument name below)
 from .models import generate_responses
 
 
 def evaluate(model, tokenizer, conversations, *, do_sample: bool = False, temperature: float = 1.0,
-             max_new_tokens: int = 40, seed: int = 0, kinds=None) -> pd.DataFrame:
+             max_new_tokens: int = 40, seed: int = 0, kinds=None, judge=None) -> pd.DataFrame:
     """Generate one response per conversation and score it: one row per prompt.
 
     Columns: ``prompt`` (last user turn), ``kind``, ``response``, ``finished``, ``n_tokens``,
     ``gold`` (the judge's score), ``correct``, ``rude``, ``refused``.
+
+    ``judge`` is ``None`` for TinyWorld's gold judge, or ``(reward model, its tokenizer)`` for real
+    prompts (the ``hub`` profile): ``gold`` is then that model's score and ``correct`` is unknown (NaN).
     """
     conversations = list(conversations)
     gens = generate_responses(model, tokenizer, conversations, do_sample=do_sample, temperature=temperature,
                               max_new_tokens=max_new_tokens, seed=seed)
+    if judge is not None:
+        from .rlhf import reward_scores
+
+        scores = reward_scores(judge[0], judge[1], conversations,
+                               [[{"role": "assistant", "content": g.text}] for g in gens]).float().cpu().tolist()
+        return pd.DataFrame([{
+            "prompt": conv[-1]["content"], "kind": kinds[i] if kinds is not None else None, "response": g.text,
+            "finished": g.finished, "n_tokens": g.n_tokens, "gold": s, "correct": np.nan,
+            "rude": judge_rules.is_rude(g.text), "refused": judge_rules.is_refusal(g.text),
+        } for i, (conv, g, s) in enumerate(zip(conversations, gens, scores))])
     rows = []
     for i, (conv, g) in enumerate(zip(conversations, gens)):
-        parts = judge.score_breakdown(conv, g.text, g.finished)
+        parts = judge_rules.score_breakdown(conv, g.text, g.finished)
         rows.append({
             "prompt": conv[-1]["content"], "kind": kinds[i] if kinds is not None else None,
             "response": g.text, "finished": g.finished, "n_tokens": g.n_tokens,
             "gold": float(sum(parts.values())),
             "correct": ("correct" in parts) or ("refusal" in parts),
-            "rude": "rude" in parts, "refused": judge.is_refusal(g.text),
+            "rude": "rude" in parts, "refused": judge_rules.is_refusal(g.text),
         })
     return pd.DataFrame(rows)
 

@@ -76,6 +76,24 @@ def load_hub_model(name: str, device=None, dtype=None):
     return model, load_hub_tokenizer(name)
 
 
+def load_hub_judge(name: str, device=None):
+    """``(reward model, its tokenizer)`` for a public reward model on the Hub (or in a local folder):
+    the stand-in for TinyWorld's gold judge when the prompts are real ones. The tokenizer keeps
+    the reward model's own chat template, which is what it was trained to read."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    device = device or pick_device()
+    model = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, name, dtype=pick_dtype(device),
+                             use_safetensors=True)
+    if model.config.num_labels != 1:
+        raise ValueError(f"{name!r} has {model.config.num_labels} outputs; a reward model has one (a scalar score)")
+    tok = _from_pretrained(AutoTokenizer.from_pretrained, name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.config.pad_token_id = tok.pad_token_id
+    return model.to(device).eval(), tok
+
+
 def _load_dataset(name: str, config: str | None = None):
     """``datasets.load_dataset`` for a Hub id (after checking the Hub is reachable), a local
     folder, or a local data file (json, jsonl, parquet, csv)."""
