@@ -332,27 +332,14 @@ class PPOSettings:
     seed: int = 0
 
 
-def reward_normalizer(reward_model, tokenizer, policy, conversations, *, temperature: float = 1.0,
-                      max_new_tokens: int = 40, seed: int = 12345) -> tuple[float, float]:
-    """Mean and standard deviation of the reward model's scores on the (initial) policy's samples.
-
-    Dividing the reward by this scale and subtracting the mean makes the SFT model score 0 on
-    average with unit spread, so that one ``kl_coef`` means the same whatever the reward
-    model's arbitrary offset and scale (InstructGPT normalises the same way).
-    """
-    roll = sample_rollout(policy, tokenizer, conversations, max_new_tokens=max_new_tokens,
-                          temperature=temperature, seed=seed)
-    s = rollout_scores(reward_model, tokenizer, roll)
-    return float(s.mean()), float(s.std())
-
-
 def train_ppo(policy, reference, value_model, reward_model, tokenizer, conversations, settings: PPOSettings,
               reward_norm: tuple[float, float] = (0.0, 1.0), gold: bool = True, show_progress: bool = True,
               callback=None) -> list[dict]:
     """Optimise ``policy`` against ``reward_model`` with PPO; ``reference`` is frozen.
 
     ``reward_model`` is a sequence-classification model (scored with :func:`rollout_scores`) or
-    any function ``rollout -> scores[B]``; scores are normalised with ``reward_norm = (mean, std)``.
+    any function ``rollout -> scores[B]``; scores are normalised with ``reward_norm = (mean, std)``,
+    best the reward model's mean and spread on the SFT model's own answers (Chapter 3, detail 3).
 
     Each iteration samples ``batch_size`` prompts from ``conversations`` (a seeded shuffle,
     cycled), rolls out one response each, scores it, turns the scores into per-token rewards and
