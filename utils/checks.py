@@ -56,6 +56,20 @@ def _scalar(got, name: str) -> torch.Tensor:
     return got
 
 
+def _loss_verdict(got: torch.Tensor, want: torch.Tensor, name: str, where: str, mistakes, default_hint: str,
+                  detached: str) -> None:
+    """The common end of a loss checker. Returns if ``got`` equals ``want`` and carries a gradient;
+    otherwise raises, naming the first of ``mistakes()`` - ``(wrong value, hint)`` pairs, computed
+    only on failure - that ``got`` equals, or ``default_hint``.
+    The message reads "`name` gave <got> <where> <want>: <hint>"."""
+    if torch.allclose(got.detach(), want, atol=1e-5):
+        if not got.requires_grad:
+            raise CheckError(f"`{name}`'s result is detached{detached}")
+        return
+    hint = next((h for value, h in mistakes() if torch.allclose(got.detach(), value, atol=1e-5)), default_hint)
+    raise CheckError(f"`{name}` gave {got.item():.5f} {where} {want.item():.5f}: {hint}")
+
+
 def passed(message: str) -> None:
     print(f"[check passed] {message}")
 
@@ -416,25 +430,19 @@ def check_dpo_loss(fn, policy=None, reference=None, tokenizer=None, pairs=None, 
     for i, (pc, pr, rc, rr, b) in enumerate(cases):
         pc_ = pc.clone().requires_grad_(True)
         got = _scalar(call_learner(fn, name, pc_, pr.clone(), rc.clone(), rr.clone(), b), name)
-        w = want(pc, pr, rc, rr, b)
         if not torch.isfinite(got):
             raise CheckError(f"`{name}` returned {got.item()} on case {i} (large log-prob gaps): use F.logsigmoid, "
                              "not torch.log(torch.sigmoid(...)), which underflows")
-        if torch.allclose(got.detach(), w, atol=1e-5):
-            if not got.requires_grad:
-                raise CheckError(f"`{name}`'s result is detached: the policy log-probs need a gradient")
-            continue
         margin = (pc - rc) - (pr - rr)
-        hint = "compare with eq. (7): -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))"
-        if torch.allclose(got.detach(), -F.logsigmoid(-b * margin).mean(), atol=1e-5):
-            hint = "the sign is flipped: the loss should fall as the chosen response gains probability"
-        elif torch.allclose(got.detach(), -F.logsigmoid(b * (pc - pr)).mean(), atol=1e-5):
-            hint = "the reference model is missing: subtract its log-probabilities (that is what anchors the policy)"
-        elif torch.allclose(got.detach(), (-b * F.logsigmoid(margin)).mean(), atol=1e-5):
-            hint = "beta belongs inside the sigmoid, scaling the log-ratio difference"
-        elif torch.allclose(got.detach(), -F.logsigmoid(b * margin).sum(), atol=1e-5):
-            hint = "average over the batch instead of summing"
-        raise CheckError(f"`{name}` gave {got.item():.5f} on case {i} where the DPO loss is {w.item():.5f}: {hint}")
+        _loss_verdict(got, want(pc, pr, rc, rr, b), name, f"on case {i} where the DPO loss is", lambda: [
+            (-F.logsigmoid(-b * margin).mean(),
+             "the sign is flipped: the loss should fall as the chosen response gains probability"),
+            (-F.logsigmoid(b * (pc - pr)).mean(),
+             "the reference model is missing: subtract its log-probabilities (that is what anchors the policy)"),
+            ((-b * F.logsigmoid(margin)).mean(), "beta belongs inside the sigmoid, scaling the log-ratio difference"),
+            (-F.logsigmoid(b * margin).sum(), "average over the batch instead of summing"),
+        ], "compare with eq. (7): -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))",
+            ": the policy log-probs need a gradient")
     message = f"`{name}` matches the DPO loss on hand-made cases (log 2 at equal log-probs, no overflow)"
     if policy is not None:
         message += _compare_with_dpo_trainer(fn, name, policy, reference, tokenizer, pairs, beta)
@@ -520,33 +528,22 @@ def check_orpo_loss(fn, model=None, tokenizer=None, pairs=None, lam: float = 0.1
     """``fn(nll_chosen, chosen_avg_logp, rejected_avg_logp, lam) -> scalar`` (optionally a tuple whose
     first element is the loss), checked on hand-made values and, given a model and pairs, against
     ``trl.experimental.orpo.ORPOTrainer`` on the same batch."""
-    from .orpo import orpo_loss as reference
+    from .orpo import log_odds, orpo_loss as reference
 
     name = getattr(fn, "__name__", "orpo_loss")
     nll = torch.tensor(2.3)
     c, r = torch.tensor([-0.5, -1.2, -3.0]), torch.tensor([-0.9, -1.0, -4.0])
     for case, (n_, c_, r_, l_) in enumerate([(nll, c, r, 0.1), (nll, c, r, 1.0), (torch.tensor(0.7), r, c, 0.5)]):
         c_in = c_.clone().requires_grad_(True)
-        got = call_learner(fn, name, n_.clone(), c_in, r_.clone(), l_)
-        got = expect_tensor(got[0] if isinstance(got, tuple) else got, name)
-        if got.dim() != 0:
-            raise CheckError(f"`{name}` should return one number, got shape {tuple(got.shape)}")
-        want = reference(n_, c_, r_, l_)[0]
-        if torch.allclose(got.detach(), want, atol=1e-5):
-            if not got.requires_grad:
-                raise CheckError(f"`{name}`'s result is detached from the log-probabilities")
-            continue
-        from .orpo import log_odds
-
+        got = _scalar(call_learner(fn, name, n_.clone(), c_in, r_.clone(), l_), name)
         ratio = log_odds(c_) - log_odds(r_)
-        hint = "L = nll - lam * mean(log sigmoid(log odds(chosen) - log odds(rejected)))"
-        if torch.allclose(got.detach(), n_ + l_ * F.logsigmoid(ratio).mean(), atol=1e-5):
-            hint = "the sign of the odds-ratio term is flipped: it should *reward* a large ratio"
-        elif torch.allclose(got.detach(), n_ - l_ * F.logsigmoid(c_ - r_).mean(), atol=1e-5):
-            hint = "you used the log-probability ratio; ORPO uses the log *odds* ratio"
-        elif torch.allclose(got.detach(), -l_ * F.logsigmoid(ratio).mean(), atol=1e-5):
-            hint = "the NLL term on the chosen answer is missing: ORPO is SFT plus a preference penalty"
-        raise CheckError(f"`{name}` gave {got.item():.5f} on case {case} where ORPO gives {want.item():.5f}: {hint}")
+        _loss_verdict(got, reference(n_, c_, r_, l_)[0], name, f"on case {case} where ORPO gives", lambda: [
+            (n_ + l_ * F.logsigmoid(ratio).mean(),
+             "the sign of the odds-ratio term is flipped: it should *reward* a large ratio"),
+            (n_ - l_ * F.logsigmoid(c_ - r_).mean(), "you used the log-probability ratio; ORPO uses the log *odds* ratio"),
+            (-l_ * F.logsigmoid(ratio).mean(),
+             "the NLL term on the chosen answer is missing: ORPO is SFT plus a preference penalty"),
+        ], "L = nll - lam * mean(log sigmoid(log odds(chosen) - log odds(rejected)))", " from the log-probabilities")
     message = f"`{name}` matches the ORPO loss on hand-made cases"
     if model is not None:
         message += _compare_with_orpo_trainer(fn, name, model, tokenizer, pairs, lam)
@@ -600,22 +597,16 @@ def check_bradley_terry_loss(fn, reward_model=None, tokenizer=None, pairs=None) 
     for i, (rc, rr) in enumerate(cases):
         rc_in = rc.clone().requires_grad_(True)
         got = _scalar(call_learner(fn, name, rc_in, rr.clone()), name)
-        want = -F.logsigmoid(rc - rr).mean()
         if not torch.isfinite(got):
             raise CheckError(f"`{name}` returned {got.item()} for reward gaps of 120: use F.logsigmoid, "
                              "not torch.log(torch.sigmoid(...)), which underflows to log 0")
-        if torch.allclose(got.detach(), want, atol=1e-5):
-            if not got.requires_grad:
-                raise CheckError(f"`{name}`'s result is detached from the rewards: the reward model needs a gradient")
-            continue
-        hint = "the loss is -log sigmoid(r_chosen - r_rejected), averaged over the batch"
-        if torch.allclose(got.detach(), -F.logsigmoid(rr - rc).mean(), atol=1e-5):
-            hint = "the sign is flipped: the loss should fall as the chosen answer's reward rises above the rejected one's"
-        elif torch.allclose(got.detach(), -F.logsigmoid(rc - rr).sum(), atol=1e-5):
-            hint = "average over the batch instead of summing"
-        elif torch.allclose(got.detach(), (rr - rc).mean(), atol=1e-5):
-            hint = "that is a linear margin; pass the difference through log-sigmoid (the Bradley-Terry likelihood)"
-        raise CheckError(f"`{name}` gave {got.item():.5f} on case {i} where the Bradley-Terry loss is {want.item():.5f}: {hint}")
+        _loss_verdict(got, -F.logsigmoid(rc - rr).mean(), name, f"on case {i} where the Bradley-Terry loss is", lambda: [
+            (-F.logsigmoid(rr - rc).mean(),
+             "the sign is flipped: the loss should fall as the chosen answer's reward rises above the rejected one's"),
+            (-F.logsigmoid(rc - rr).sum(), "average over the batch instead of summing"),
+            ((rr - rc).mean(), "that is a linear margin; pass the difference through log-sigmoid (the Bradley-Terry likelihood)"),
+        ], "the loss is -log sigmoid(r_chosen - r_rejected), averaged over the batch",
+            " from the rewards: the reward model needs a gradient")
     message = f"`{name}` is the Bradley-Terry loss on hand-made cases (log 2 at a tie, finite at gaps of 120)"
     if reward_model is not None:
         message += _compare_with_reward_trainer(fn, name, reward_model, tokenizer, pairs)
@@ -760,24 +751,19 @@ def check_ppo_policy_loss(fn) -> None:
     for i, (lp, clip) in enumerate([(old.clone(), 0.2), (new, 0.2), (new, 0.1), (new, 10.0)]):
         lp_in = lp.clone().requires_grad_(True)
         got = _scalar(call_learner(fn, name, lp_in, old.clone(), adv.clone(), mask.clone(), clip), name)
-        want = reference(lp, old, adv, mask, clip)
-        if torch.allclose(got.detach(), want, atol=1e-5):
-            if not got.requires_grad:
-                raise CheckError(f"`{name}`'s result is detached from `logprobs`: the policy needs a gradient")
-            continue
         ratio = torch.exp(lp - old)
-        hint = "loss = masked mean of max(-A * ratio, -A * clamp(ratio, 1 - clip, 1 + clip)), ratio = exp(logp - old_logp)"
-        if torch.allclose(got.detach(), masked_mean(-adv * ratio, mask), atol=1e-5):
-            hint = "the ratio is not clipped: without the clip one rollout can push the policy arbitrarily far"
-        elif torch.allclose(got.detach(), masked_mean(torch.minimum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)), mask), atol=1e-5):
-            hint = "take the max of the two *losses* (the min of the two objectives): PPO keeps the pessimistic one"
-        elif torch.allclose(got.detach(), -reference(lp, old, adv, mask, clip), atol=1e-5):
-            hint = "the sign is flipped: minimise the *negative* surrogate objective"
-        elif torch.allclose(got.detach(), masked_mean(torch.maximum(-adv * (lp - old), -adv * (lp - old).clamp(1 - clip, 1 + clip)), mask), atol=1e-5):
-            hint = "the ratio is exp(logprobs - old_logprobs), not the difference itself"
-        elif torch.allclose(got.detach(), (torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)) * mask).mean(), atol=1e-5):
-            hint = "padding is counted in the mean: divide by the number of real tokens (mask.sum())"
-        raise CheckError(f"`{name}` gave {got.item():.5f} on case {i} (clip={clip}) where PPO's loss is {want.item():.5f}: {hint}")
+        _loss_verdict(got, reference(lp, old, adv, mask, clip), name, f"on case {i} (clip={clip}) where PPO's loss is", lambda: [
+            (masked_mean(-adv * ratio, mask),
+             "the ratio is not clipped: without the clip one rollout can push the policy arbitrarily far"),
+            (masked_mean(torch.minimum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)), mask),
+             "take the max of the two *losses* (the min of the two objectives): PPO keeps the pessimistic one"),
+            (-reference(lp, old, adv, mask, clip), "the sign is flipped: minimise the *negative* surrogate objective"),
+            (masked_mean(torch.maximum(-adv * (lp - old), -adv * (lp - old).clamp(1 - clip, 1 + clip)), mask),
+             "the ratio is exp(logprobs - old_logprobs), not the difference itself"),
+            ((torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)) * mask).mean(),
+             "padding is counted in the mean: divide by the number of real tokens (mask.sum())"),
+        ], "loss = masked mean of max(-A * ratio, -A * clamp(ratio, 1 - clip, 1 + clip)), ratio = exp(logp - old_logp)",
+            " from `logprobs`: the policy needs a gradient")
     passed(f"`{name}`: ratio 1 at the rollout, clipped both ways, pessimistic max, masked mean (4 cases)")
 
 
@@ -794,22 +780,17 @@ def check_ppo_value_loss(fn) -> None:
     for i, (v, clip) in enumerate([(old.clone(), 0.2), (new, 0.2), (new, 1.0)]):
         v_in = v.clone().requires_grad_(True)
         got = _scalar(call_learner(fn, name, v_in, old.clone(), returns.clone(), mask.clone(), clip), name)
-        want = reference(v, old, returns, mask, clip)
-        if torch.allclose(got.detach(), want, atol=1e-5):
-            if not got.requires_grad:
-                raise CheckError(f"`{name}`'s result is detached from `values`: the value model needs a gradient")
-            continue
-        vc = old + (v - old).clamp(-clip, clip)
-        hint = "loss = 0.5 * masked mean of max((V - R)^2, (V_clipped - R)^2), V_clipped = old_V + clamp(V - old_V, -clip, clip)"
-        if torch.allclose(got.detach(), 0.5 * masked_mean((v - returns) ** 2, mask), atol=1e-5):
-            hint = "the value is not clipped around the rollout's old values"
-        elif torch.allclose(got.detach(), masked_mean(torch.maximum((v - returns) ** 2, (vc - returns) ** 2), mask), atol=1e-5):
-            hint = "missing the factor 0.5"
-        elif torch.allclose(got.detach(), 0.5 * masked_mean(torch.minimum((v - returns) ** 2, (vc - returns) ** 2), mask), atol=1e-5):
-            hint = "take the max of the clipped and unclipped squared errors (pessimistic), not the min"
-        elif torch.allclose(got.detach(), 0.5 * (torch.maximum((v - returns) ** 2, (vc - returns) ** 2) * mask).mean(), atol=1e-5):
-            hint = "padding is counted in the mean: divide by the number of real tokens (mask.sum())"
-        raise CheckError(f"`{name}` gave {got.item():.5f} on case {i} (clip={clip}) where the clipped value loss is {want.item():.5f}: {hint}")
+        err, err_clipped = (v - returns) ** 2, (old + (v - old).clamp(-clip, clip) - returns) ** 2
+        _loss_verdict(got, reference(v, old, returns, mask, clip), name,
+                      f"on case {i} (clip={clip}) where the clipped value loss is", lambda: [
+            (0.5 * masked_mean(err, mask), "the value is not clipped around the rollout's old values"),
+            (masked_mean(torch.maximum(err, err_clipped), mask), "missing the factor 0.5"),
+            (0.5 * masked_mean(torch.minimum(err, err_clipped), mask),
+             "take the max of the clipped and unclipped squared errors (pessimistic), not the min"),
+            (0.5 * (torch.maximum(err, err_clipped) * mask).mean(),
+             "padding is counted in the mean: divide by the number of real tokens (mask.sum())"),
+        ], "loss = 0.5 * masked mean of max((V - R)^2, (V_clipped - R)^2), V_clipped = old_V + clamp(V - old_V, -clip, clip)",
+            " from `values`: the value model needs a gradient")
     passed(f"`{name}`: squared error to the returns, clipped around the old values, pessimistic, masked (3 cases)")
 
 
