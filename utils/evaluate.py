@@ -24,22 +24,20 @@ def evaluate(model, tokenizer, conversations, *, do_sample: bool = False, temper
     if judge is not None:
         from .rlhf import reward_scores
 
-        scores = reward_scores(judge[0], judge[1], conversations,
+        judged = reward_scores(judge[0], judge[1], conversations,
                                [[{"role": "assistant", "content": g.text}] for g in gens]).float().cpu().tolist()
-        return pd.DataFrame([{
-            "prompt": conv[-1]["content"], "kind": kinds[i] if kinds is not None else None, "response": g.text,
-            "finished": g.finished, "n_tokens": g.n_tokens, "gold": s, "correct": np.nan,
-            "rude": judge_rules.is_rude(g.text), "refused": judge_rules.is_refusal(g.text),
-        } for i, (conv, g, s) in enumerate(zip(conversations, gens, scores))])
     rows = []
     for i, (conv, g) in enumerate(zip(conversations, gens)):
-        parts = judge_rules.score_breakdown(conv, g.text, g.finished)
+        if judge is None:
+            parts = judge_rules.score_breakdown(conv, g.text, g.finished)
+            gold, correct = float(sum(parts.values())), ("correct" in parts) or ("refusal" in parts)
+            rude = "rude" in parts
+        else:
+            gold, correct, rude = judged[i], np.nan, judge_rules.is_rude(g.text)
         rows.append({
             "prompt": conv[-1]["content"], "kind": kinds[i] if kinds is not None else None,
             "response": g.text, "finished": g.finished, "n_tokens": g.n_tokens,
-            "gold": float(sum(parts.values())),
-            "correct": ("correct" in parts) or ("refusal" in parts),
-            "rude": "rude" in parts, "refused": judge_rules.is_refusal(g.text),
+            "gold": gold, "correct": correct, "rude": rude, "refused": judge_rules.is_refusal(g.text),
         })
     return pd.DataFrame(rows)
 
