@@ -39,7 +39,7 @@ def test_save_artifact_writes_the_folder_and_the_recipe(tmp_cache):
     path = cache.save_artifact("thing", RECIPE, lambda tmp: (tmp / "data.txt").write_text("hello"))
     assert path == cache.artifact_path("thing", RECIPE)
     assert (path / "data.txt").read_text() == "hello"
-    assert json.loads((path / cache.RECIPE_FILE).read_text()) == {"name": "thing", "recipe": RECIPE}
+    assert json.loads((path / cache.RECIPE_FILE).read_text()) == {"name": "thing", "recipe": RECIPE, "course_seed": 0}
     assert cache.is_cached("thing", RECIPE)
     assert not cache.is_cached("thing", RECIPE | {"steps": 99})
     assert [p.name for p in tmp_cache.iterdir()] == [path.name]  # no temporary folder left
@@ -112,7 +112,7 @@ def test_load_or_build_builds_once_then_loads(tmp_cache):
     second = cache.load_or_build("thing", RECIPE, c.build, c.save, c.load)
     third = cache.load_or_build("thing", RECIPE, c.build, c.save, c.load)
     assert first == second == third == "built-1"
-    assert (c.builds, c.loads) == (1, 2)
+    assert (c.builds, c.loads) == (1, 3)  # a fresh build is loaded back too: what a later run will load
 
 
 def test_a_changed_recipe_triggers_a_rebuild(tmp_cache):
@@ -173,3 +173,17 @@ def test_load_or_build_with_a_model(tmp_cache, tiny_model, tiny_tokenizer):
     assert model is not tiny_model
     for (n1, p1), (n2, p2) in zip(model.state_dict().items(), tiny_model.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2)
+
+
+def test_each_course_seed_has_its_own_artifacts(tmp_cache, monkeypatch):
+    """Every seed in a recipe is shifted by COURSE_SEED, so a run with another seed must not reuse a model."""
+    monkeypatch.setenv("COURSE_SEED", "0")
+    key0 = cache.recipe_key("thing", RECIPE)
+    c = Counter()
+    cache.load_or_build("thing", RECIPE, c.build, c.save, c.load)
+    monkeypatch.setenv("COURSE_SEED", "1")
+    assert cache.recipe_key("thing", RECIPE) != key0
+    assert cache.load_or_build("thing", RECIPE, c.build, c.save, c.load) == "built-2"
+    monkeypatch.setenv("COURSE_SEED", "0")
+    assert cache.load_or_build("thing", RECIPE, c.build, c.save, c.load) == "built-1"
+    assert json.loads((cache.artifact_path("thing", RECIPE) / cache.RECIPE_FILE).read_text())["course_seed"] == 0

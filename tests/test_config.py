@@ -86,10 +86,88 @@ def test_seed_everything_makes_randomness_reproducible():
 def test_describe_runtime(monkeypatch):
     monkeypatch.delenv(config.PROFILE_ENV, raising=False)
     line = config.describe_runtime()
-    assert line.startswith("profile=tiny device=")
+    assert line.startswith("profile=tiny seed=0 device=")
     assert f"torch={torch.__version__}" in line
 
 
 def test_repo_url_is_a_github_repository():
     assert config.REPO_URL.startswith("https://github.com/")
     assert len(config.REPO_URL.removeprefix("https://github.com/").split("/")) == 2
+
+
+# --- one seed knob ---------------------------------------------------------------------------
+def test_course_seed_is_the_stream_itself_in_the_committed_run(monkeypatch):
+    monkeypatch.delenv(config.SEED_ENV, raising=False)
+    assert config.run_seed() == 0 and config.course_seed(3) == 3 and config.course_seed() == 0
+
+
+def test_course_seed_shifts_every_stream_apart(monkeypatch):
+    monkeypatch.setenv(config.SEED_ENV, "2")
+    assert config.run_seed() == 2
+    shifted = [config.course_seed(s) for s in (0, 1, 3, 12345)]
+    assert len(set(shifted)) == 4 and all(s not in (0, 1, 3, 12345) for s in shifted)
+    monkeypatch.setenv(config.SEED_ENV, "1")
+    assert not set(shifted) & {config.course_seed(s) for s in (0, 1, 3, 12345)}  # seeds 1 and 2 share no stream
+
+
+def test_course_seed_rejects_a_non_integer(monkeypatch):
+    monkeypatch.setenv(config.SEED_ENV, "one")
+    with pytest.raises(ValueError, match="COURSE_SEED must be an integer"):
+        config.run_seed()
+
+
+def test_the_seed_knob_reaches_models_sampling_and_labels(monkeypatch, tiny_tokenizer):
+    """COURSE_SEED changes model initialisation, data order, sampling and label noise, not TinyWorld."""
+    from utils.data import eval_conversations, label_pairs, lm_batches
+    from utils.models import make_model
+
+    def draws():
+        model = make_model(tiny_tokenizer, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=2, intermediate_size=32)
+        order = next(lm_batches(torch.arange(40).view(20, 2), batch_size=4, steps=1))
+        prompts = eval_conversations(40, split="train", seed=0)["prompt"]
+        labels = label_pairs(prompts, ["Yes."] * 40, ["No."] * 40, drop_ties=False)  # ties: the coin decides
+        return next(model.parameters()).detach().clone(), order, [c[0]["content"] for c in labels["chosen"]], prompts
+
+    monkeypatch.setenv(config.SEED_ENV, "0")
+    w0, order0, labels0, prompts0 = draws()
+    w0b, order0b, labels0b, _ = draws()
+    monkeypatch.setenv(config.SEED_ENV, "1")
+    w1, order1, labels1, prompts1 = draws()
+    assert torch.equal(w0, w0b) and torch.equal(order0, order0b) and labels0 == labels0b  # same seed: same run
+    assert not torch.equal(w0, w1) and not torch.equal(order0, order1)
+    assert labels0 != labels1  # the annotators' noise is redrawn
+    assert list(prompts0) == list(prompts1)  # TinyWorld's prompts are not
+
+
+# --- precision ------------------------------------------------------------------------------
+def test_trained_weights_are_always_float32():
+    for device in ("cpu", "cuda"):
+        assert config.weights_dtype(device) == torch.float32
+    assert config.weights_dtype("cpu", trainable=False) == torch.float32
+
+
+def test_frozen_models_may_use_half_precision_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a T4
+    assert config.weights_dtype("cuda", trainable=False) == torch.float16
+
+
+@pytest.mark.parametrize("bf16, want", [(True, {"bf16": True, "fp16": False}), (False, {"bf16": False, "fp16": True})])
+def test_mixed_precision_on_a_gpu_for_the_hub_profile(bf16, want):
+    """bf16 autocast on an A100/H100; fp16 autocast with loss scaling (Trainer's fp16=True) on a T4."""
+    hub = config.PROFILES["hub"]
+    assert config.mixed_precision("cuda", hub, bf16_supported=bf16) == want
+
+
+def test_no_mixed_precision_on_cpu_or_for_the_tiny_models():
+    off = {"bf16": False, "fp16": False}
+    assert config.mixed_precision("cpu", config.PROFILES["hub"]) == off
+    assert config.mixed_precision("cuda", config.PROFILES["tiny"], bf16_supported=False) == off
+    assert config.mixed_precision("cuda", config.PROFILES["tiny"], bf16_supported=True) == off
+
+
+def test_mixed_precision_flags_build_a_trainer_config():
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir="/tmp/x", use_cpu=True, report_to=[], **config.mixed_precision("cpu"))
+    assert not args.bf16 and not args.fp16

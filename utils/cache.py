@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from .config import REPO_ROOT
+from .config import REPO_ROOT, run_seed
 
 CACHE_ENV = "COURSE_CACHE"
 CACHE_FORMAT = 1  # bump when the on-disk layout changes
@@ -32,8 +32,10 @@ def cache_root() -> Path:
 
 
 def recipe_key(name: str, recipe: dict) -> str:
-    """A short hash of ``name`` and ``recipe`` (any JSON-serialisable dict)."""
-    blob = json.dumps({"name": name, "recipe": recipe, "format": CACHE_FORMAT}, sort_keys=True, default=str)
+    """A short hash of ``name``, ``recipe`` (any JSON-serialisable dict) and this run's ``COURSE_SEED``
+    (every seed in a recipe is shifted by it, so a run with another seed builds its own artifacts)."""
+    blob = json.dumps({"name": name, "recipe": recipe, "format": CACHE_FORMAT, "course_seed": run_seed()},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -56,7 +58,8 @@ def save_artifact(name: str, recipe: dict, write: Callable[[Path], None]) -> Pat
     tmp.mkdir(parents=True)
     try:
         write(tmp)
-        (tmp / RECIPE_FILE).write_text(json.dumps({"name": name, "recipe": recipe}, indent=2, default=str))
+        (tmp / RECIPE_FILE).write_text(json.dumps({"name": name, "recipe": recipe, "course_seed": run_seed()},
+                                                  indent=2, default=str))
         if final.exists():  # someone else finished first, or we are replacing a rebuilt artifact
             old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
             os.rename(final, old)
@@ -72,12 +75,16 @@ def save_artifact(name: str, recipe: dict, write: Callable[[Path], None]) -> Pat
 
 def load_or_build(name: str, recipe: dict, build: Callable[[], object], save: Callable[[object, Path], None],
                   load: Callable[[Path], object], rebuild: bool = False):
-    """Load the artifact for ``recipe`` if cached; otherwise ``build()`` it, save it, return it."""
+    """Load the artifact for ``recipe`` if cached; otherwise ``build()`` it, save it, and load it back.
+
+    Loading what was saved means a fresh build hands over exactly what a later run loads, from the
+    same folder: a model then knows its path (``config._name_or_path``), which trainers that rebuild
+    a reference model from the policy's path (TRL's ``RLOOTrainer``, ``GRPOTrainer``) rely on.
+    """
     if not rebuild and is_cached(name, recipe):
         return load(artifact_path(name, recipe))
     obj = build()
-    save_artifact(name, recipe, lambda tmp: save(obj, tmp))
-    return obj
+    return load(save_artifact(name, recipe, lambda tmp: save(obj, tmp)))
 
 
 def clean_partial() -> list[Path]:

@@ -23,6 +23,8 @@ import torch
 REPO_URL = "https://github.com/llm-alignment-course/training-llms-to-follow-instructions"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROFILE_ENV = "COURSE_PROFILE"
+SEED_ENV = "COURSE_SEED"
+SEED_STRIDE = 1_000_003  # a prime far above any stream number the course uses
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class Profile:
     pretrain_lr: float = 3e-3
     trainer_steps: int = 60
     n_documents: int = 12_000
+    # Mixed precision for the TRL/transformers trainers on a GPU (autocast over fp32 weights; fp16 adds
+    # loss scaling). Off for the tiny models: fp32 is fast enough there and keeps the checks exact.
+    mixed_precision: bool = False
     extra: dict = field(default_factory=dict)
 
     def with_overrides(self, **changes) -> "Profile":
@@ -67,6 +72,7 @@ PROFILES: dict[str, Profile] = {
         pretrain_batch_size=8,
         pretrain_lr=5e-5,
         trainer_steps=50,
+        mixed_precision=True,
     ),
 }
 
@@ -82,8 +88,31 @@ def get_profile(name: str | None = None) -> Profile:
     return PROFILES[name]
 
 
+def run_seed() -> int:
+    """This run's seed: the environment variable ``COURSE_SEED`` (default 0, the committed run)."""
+    value = os.environ.get(SEED_ENV, "0").strip() or "0"
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{SEED_ENV} must be an integer, got {value!r} (e.g. {SEED_ENV}=1)") from None
+
+
+def course_seed(stream: int = 0) -> int:
+    """The seed of random stream ``stream`` in this run: the one knob every random draw goes through.
+
+    Every seed that initialises a model, orders training data, samples answers or draws noisy
+    labels is ``course_seed(n)`` for some stream number ``n``: ``n`` itself when ``COURSE_SEED`` is
+    0 (the run whose outputs are committed), ``n + 1_000_003 * COURSE_SEED`` otherwise. Functions in
+    ``utils`` take stream numbers (``seed=3``) and apply this where they make the generator, so a
+    notebook passes the same small numbers in every run. TinyWorld itself (its facts, corpus,
+    demonstrations and train/test prompts) does not depend on it, so runs stay comparable.
+    """
+    return int(stream) + SEED_STRIDE * run_seed()
+
+
 def seed_everything(seed: int = 0) -> None:
-    """Seed Python, NumPy and torch, and ask torch for deterministic kernels."""
+    """Seed Python, NumPy and torch with ``course_seed(seed)``, and ask torch for deterministic kernels."""
+    seed = course_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -112,13 +141,40 @@ def pick_dtype(device: torch.device | str | None = None, *, bf16_supported: bool
     return torch.bfloat16 if bf16_supported else torch.float16
 
 
+def weights_dtype(device: torch.device | str | None = None, *, trainable: bool = True) -> torch.dtype:
+    """The dtype to hold a model's weights in: fp32 for any model that will be trained, else :func:`pick_dtype`.
+
+    Training in pure fp16 or bf16 loses small updates: an AdamW step of ``lr = 1e-5`` on a weight of
+    0.02 is below bf16's resolution (about 0.4% of the value) and is rounded away, and fp16 also
+    underflows small gradients. So trained weights stay fp32 ("master weights") and speed comes
+    from autocast (:func:`mixed_precision`); frozen models (a judge) may be stored in half precision.
+    """
+    return torch.float32 if trainable else pick_dtype(device)
+
+
+def mixed_precision(device: torch.device | str | None = None, profile: Profile | None = None, *,
+                    bf16_supported: bool | None = None) -> dict[str, bool]:
+    """``{"bf16": ..., "fp16": ...}`` for a ``transformers``/TRL training config.
+
+    On a GPU with a profile that asks for it (``hub``): bf16 autocast where the GPU has bf16, else fp16
+    autocast with loss scaling (``Trainer`` adds the gradient scaler; a T4 takes this path). The
+    weights stay fp32 (:func:`weights_dtype`). On a CPU, or for the tiny models: both off (fp32).
+    """
+    profile = profile or get_profile()
+    device = torch.device(device) if device is not None else pick_device()
+    if not profile.mixed_precision or device.type != "cuda":
+        return {"bf16": False, "fp16": False}
+    dtype = pick_dtype(device, bf16_supported=bf16_supported)
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+
+
 def describe_runtime() -> str:
     """One line for the top of a notebook: profile, device, dtype, versions."""
     import transformers
 
     profile = get_profile()
     device = pick_device()
-    return (f"profile={profile.name} device={device.type} dtype={str(pick_dtype(device)).replace('torch.', '')} "
+    return (f"profile={profile.name} seed={run_seed()} device={device.type} dtype={str(pick_dtype(device)).replace('torch.', '')} "
             f"torch={torch.__version__} transformers={transformers.__version__}")
 
 

@@ -19,6 +19,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from . import judge
+from .config import course_seed
 from .tokenizer import DOC_SEP
 from .world import (World, annotate, make_dialogue, make_world, parse_request, pretraining_documents,
                     single_turn_prompts, split_of, dialogue_first_turns)
@@ -58,7 +59,7 @@ def pack_texts(tokenizer, texts, seq_len: int) -> torch.Tensor:
 
 def lm_batches(blocks: torch.Tensor, batch_size: int, steps: int, seed: int = 0):
     """Yield ``steps`` batches of rows of ``blocks``, reshuffled every epoch, from a seeded generator."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(course_seed(seed))
     order = torch.randperm(len(blocks), generator=g)
     pos = 0
     for _ in range(steps):
@@ -176,7 +177,7 @@ def label_pairs(conversations, responses_a, responses_b, seed: int = 0, finished
     instead of flipping a coin.
     """
     world = world or make_world()
-    rng = random.Random(f"labels-{seed}")
+    rng = random.Random(f"labels-{course_seed(seed)}")  # the annotators' noise: a random draw
     n = len(conversations)
     finished_a = finished_a if finished_a is not None else [True] * n
     finished_b = finished_b if finished_b is not None else [True] * n

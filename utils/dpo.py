@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cache
-from .config import Profile, get_profile, seed_everything
+from .config import Profile, course_seed, get_profile, seed_everything
 from .data import eval_conversations, label_pairs, require_columns
 from .judge import JUDGE_VERSION
 from .models import generate_responses
@@ -69,7 +69,7 @@ def train_dpo(policy, tokenizer, pairs, *, ref_model=None, beta: float = 0.1, lr
     rows = pairs.select_columns(["prompt", "chosen", "rejected"]).to_list()
     device = next(policy.parameters()).device
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    rng = random.Random(seed)
+    rng = random.Random(course_seed(seed))
     total = epochs * ((len(rows) + batch_size - 1) // batch_size)
     history = []
     policy.train()

@@ -9,7 +9,7 @@ import os
 import socket
 from pathlib import Path
 
-from .config import pick_device, pick_dtype
+from .config import pick_device, weights_dtype
 from .data import require_columns
 
 HUB_HOST = "huggingface.co"
@@ -66,11 +66,15 @@ def load_hub_tokenizer(name: str):
 
 
 def load_hub_model(name: str, device=None, dtype=None):
-    """``(model, tokenizer)`` for a causal LM on the Hub (or in a local folder), on the best device."""
+    """``(model, tokenizer)`` for a causal LM on the Hub (or in a local folder), on the best device.
+
+    The weights are fp32 unless ``dtype`` says otherwise: the course trains these models, and
+    training needs fp32 weights (see :func:`utils.config.weights_dtype`).
+    """
     from transformers import AutoModelForCausalLM
 
     device = device or pick_device()
-    dtype = dtype or pick_dtype(device)
+    dtype = dtype or weights_dtype(device, trainable=True)
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, dtype=dtype, use_safetensors=True)
     model.to(device).eval()
     return model, load_hub_tokenizer(name)
@@ -83,7 +87,8 @@ def load_hub_judge(name: str, device=None):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     device = device or pick_device()
-    model = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, name, dtype=pick_dtype(device),
+    model = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, name,
+                             dtype=weights_dtype(device, trainable=False),  # frozen: half precision is fine
                              use_safetensors=True)
     if model.config.num_labels != 1:
         raise ValueError(f"{name!r} has {model.config.num_labels} outputs; a reward model has one (a scalar score)")

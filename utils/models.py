@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from .config import course_seed
 from .tokenizer import DOC_SEP, END
 
 # ~0.9M parameters with a 1k vocabulary: learns TinyWorld on a CPU in a minute or so.
@@ -27,7 +28,7 @@ def make_model(tokenizer, seed: int = 0, **overrides) -> LlamaForCausalLM:
         **cfg,
     )
     with torch.random.fork_rng():
-        torch.manual_seed(seed)
+        torch.manual_seed(course_seed(seed))
         model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(END),
                                             tokenizer.convert_tokens_to_ids(DOC_SEP)]
@@ -87,7 +88,7 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 4
     else:
         gen_kwargs.update(temperature=None, top_k=None, top_p=None)
     with torch.random.fork_rng(), _left_padding(tokenizer):
-        torch.manual_seed(seed)
+        torch.manual_seed(course_seed(seed))
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import cache
-from .config import Profile, get_profile, seed_everything
+from .config import Profile, course_seed, get_profile, seed_everything
 from .data import require_columns, sft_dataset
 from .pretrain import base_recipe, get_base_model, load_model, next_token_loss, progress, save_model, warmup_cosine
 from .tokenizer import check_chat_template
@@ -70,7 +70,7 @@ def train_sft(model, tokenizer, dataset, *, epochs: int = 2, batch_size: int = 3
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total))
-    g = torch.Generator().manual_seed(seed)  # the same order as Chapter 2's loop
+    g = torch.Generator().manual_seed(course_seed(seed))  # the same order as Chapter 2's loop
     history, step = [], 0
     model.train()
     bar = progress(total=total, desc="SFT", disable=not show_progress)
