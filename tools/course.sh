@@ -3,7 +3,7 @@
 # saving outputs and recording times and memory, regenerate the student notebooks, and build
 # the book into _build/html.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-python tools/run_notebooks.py "$@"
+python tools/run_notebooks.py --record-claims "$@"
 python tools/make_student_notebooks.py
 jupyter-book build . -W --keep-going
 echo "book: $ROOT/_build/html/index.html"

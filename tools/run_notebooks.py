@@ -6,6 +6,11 @@ resident memory of the kernel (sampled every 0.2 s over the kernel's whole proce
 
     python tools/run_notebooks.py                     # all solutions, save outputs, record timings
     python tools/run_notebooks.py solutions/01_pretraining.ipynb --no-save
+    python tools/run_notebooks.py --record-claims     # also record the claims as the sweep's run "seed<COURSE_SEED>"
+
+With ``--record-claims`` (``tools/course.sh`` passes it) this run is also the claims sweep's run for
+its seed: every claim is recorded (not raised) into ``benchmarks/claims_runs/``, the claims record
+and its book page are rebuilt, and the command fails at the end, after saving, if a claim did not hold.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from utils.evaluate import PeakMemory  # noqa: E402
 TIMINGS = ROOT / "benchmarks" / "timings.json"
+GPU_TIMINGS = ROOT / "benchmarks" / "gpu_timings.json"  # written from a run of shared/tools/gpu_course.py
 README = ROOT / "README.md"
 START, END = "<!-- timings:start -->", "<!-- timings:end -->"
 BUDGETS_S = {"03_rlhf": 240, "06_project2": 240}  # COURSE.md §7; every other notebook: 120 s
@@ -41,7 +47,15 @@ def collapse_carriage_returns(nb) -> None:
                 out["text"] = "\n".join(ln.rstrip("\r").split("\r")[-1] for ln in lines)
 
 
-def execute(path: Path, save: bool, timeout: int) -> dict:
+def execute(path: Path, save: bool, timeout: int, claims_run: str | None = None) -> dict:
+    if claims_run is not None:  # record the claims as the sweep would, into that run's records
+        import tempfile
+
+        from claims_sweep import record_claims
+
+        with tempfile.TemporaryDirectory() as tmp:
+            with record_claims(claims_run, path.stem, Path(tmp) / "claims.jsonl"):
+                return execute(path, save, timeout)
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})
@@ -94,14 +108,27 @@ def write_results(results: list[dict]) -> None:
 
 def render_table(data: dict) -> str:
     m = data["machine"]
-    rows = ["| notebook | wall time | peak memory | budget |", "|---|---:|---:|---|"]
+    gpu = json.loads(GPU_TIMINGS.read_text()) if GPU_TIMINGS.exists() else None
+    head = "| notebook | CPU wall time | CPU peak memory | budget (CPU) |"
+    rows = [head + (" GPU wall time | GPU peak memory |" if gpu else ""), "|---|---:|---:|---|" + ("---:|---:|" if gpu else "")]
     for r in data["notebooks"].values():
         ok = "within" if r["within_budget"] else "**over**"
-        rows.append(f"| `{r['notebook']}` | {r['wall_s']:.0f} s | {r['peak_mb']} MB | {r['budget_s']} s, 3 GB: {ok} |")
-    rows.append(f"| **all** | {data['total_s']:.0f} s | | 15 min |")
-    rows.append("")
-    rows.append(f"Measured by `python tools/run_notebooks.py` on {m['date']}: {m['cpu']}, {m['cores']} cores, "
-                f"Python {m['python']}, torch {m['torch']}, `tiny` profile.")
+        row = f"| `{r['notebook']}` | {r['wall_s']:.0f} s | {r['peak_mb']} MB | {r['budget_s']} s, 3 GB: {ok} |"
+        if gpu:
+            g = gpu["notebooks"].get(r["notebook"])
+            row += f" {g['wall_s']:.0f} s | {g['peak_gpu_mb']:.0f} MB |" if g else " | |"
+        rows.append(row)
+    total = f"| **all** | {data['total_s']:.0f} s | | 15 min |"
+    if gpu:
+        total += f" {sum(g['wall_s'] for g in gpu['notebooks'].values()):.0f} s | |"
+    rows += [total, ""]
+    rows.append(f"CPU: measured by `python tools/run_notebooks.py` on {m['date']}: {m['cpu']}, {m['cores']} cores, "
+                f"Python {m['python']}, torch {m['torch']}, `tiny` profile; peak memory is the kernel's resident memory.")
+    if gpu:
+        g = gpu["machine"]
+        rows.append(f"GPU: measured on {g['date']} on one {g['gpu']} ({g['cpu']}), torch {g['torch']}, transformers "
+                    f"{g['transformers']}, trl {g['trl']}, `tiny` profile, with {g['runner']}; peak memory is "
+                    "`torch.cuda.max_memory_allocated`.")
     return "\n".join(rows)
 
 
@@ -111,17 +138,33 @@ def main(argv=None) -> int:
     ap.add_argument("--no-save", action="store_true", help="do not write outputs back into the notebooks")
     ap.add_argument("--no-record", action="store_true", help="do not write benchmarks/timings.json or README")
     ap.add_argument("--timeout", type=int, default=900, help="per-cell timeout in seconds")
+    ap.add_argument("--record-claims", action="store_true", help="record the claims as the sweep's run for this seed")
     args = ap.parse_args(argv)
+    claims_run = None
+    if args.record_claims:
+        sys.path.insert(0, str(ROOT / "tools"))
+        from utils.config import run_seed
+
+        claims_run = f"seed{run_seed()}"
     paths = args.notebooks or sorted((ROOT / "solutions").glob("*.ipynb"))
     os.environ.pop("MPLBACKEND", None)  # let the kernel use its inline backend, so figures are saved
     results = []
     for path in paths:
         print(f"executing {path.name} ...", flush=True)
-        r = execute(path.resolve(), save=not args.no_save, timeout=args.timeout)
+        r = execute(path.resolve(), save=not args.no_save, timeout=args.timeout, claims_run=claims_run)
         print(f"  {r['wall_s']:.1f} s, peak {r['peak_mb']} MB ({'within' if r['within_budget'] else 'OVER'} budget)", flush=True)
         results.append(r)
     if not args.no_record:
         write_results(results)
+    if claims_run is not None:
+        from claims_sweep import report
+
+        data = report()
+        failed = [c for c in data["claims"] if claims_run in c["runs"] and not c["runs"][claims_run]["held"]]
+        for c in failed:
+            print(f"CLAIM FAILED in this run: {c['notebook']}: {c['claim']}: {'; '.join(c['runs'][claims_run]['checks'])}")
+        if failed:
+            return 1
     return 0
 
 
