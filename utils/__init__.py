@@ -1,5 +1,11 @@
 """The course's shared code: profiles, TinyWorld and its judge, models, data, training references,
-checkers and plots. Notebooks import from here; nothing here imports from a notebook."""
+checkers, claims and plots. Notebooks import from here; nothing here imports from a notebook.
+
+Device rule, for every function here: it accepts a model on any device (CPU, CUDA), makes every
+tensor it feeds a model on that model's device, and returns metrics as Python numbers or CPU
+tensors (``tests/test_device.py`` checks this with a strict stand-in device on CPU-only torch).
+Randomness rule: every seed goes through ``utils.config.course_seed`` (the ``COURSE_SEED`` knob).
+"""
 import logging
 
 # bitsandbytes (imported by transformers/peft when installed) warns on every CPU import that an

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import seed_everything
+from .config import course_seed, seed_everything
 from .data import require_columns
 from .pretrain import progress
 
@@ -61,7 +61,11 @@ def _encode(tokenizer, conversations, device):
 
 
 def reward_scores(rm, tokenizer, prompts, completions, batch_size: int = 64, grad: bool = False) -> torch.Tensor:
-    """The reward of each (prompt, completion) pair; prompts and completions are message lists."""
+    """The reward of each (prompt, completion) pair; prompts and completions are message lists.
+
+    Returns ``[N]`` on the reward model's device (training needs it there, with ``grad``); call
+    ``.cpu()`` before mixing it with CPU data or calling ``.numpy()``.
+    """
     device = next(rm.parameters()).device
     out = []
     with torch.set_grad_enabled(grad):
@@ -78,7 +82,7 @@ def train_reward_model(rm, tokenizer, pairs, *, epochs: int = 1, lr: float = 1e-
     seed_everything(seed)
     rows = pairs.select_columns(["prompt", "chosen", "rejected"]).to_list()
     opt = torch.optim.AdamW(rm.parameters(), lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(course_seed(seed))
     total = epochs * ((len(rows) + batch_size - 1) // batch_size)
     history, bar = [], progress(total=total, desc="reward model", disable=not show_progress)
     rm.train()
@@ -108,8 +112,8 @@ def pairwise_accuracy(rm, tokenizer, pairs) -> dict[str, float]:
     also how often it prefers the gold-better one (pairs with equal gold skipped)."""
     rm.eval()
     prompts = list(pairs["prompt"])
-    rc = reward_scores(rm, tokenizer, prompts, list(pairs["chosen"]))
-    rr = reward_scores(rm, tokenizer, prompts, list(pairs["rejected"]))
+    rc = reward_scores(rm, tokenizer, prompts, list(pairs["chosen"])).cpu()  # metrics are computed on the CPU
+    rr = reward_scores(rm, tokenizer, prompts, list(pairs["rejected"])).cpu()
     out = {"vs_labels": float((rc > rr).float().mean())}
     if "gold_chosen" in pairs.column_names:
         gc, gr = torch.tensor(pairs["gold_chosen"]), torch.tensor(pairs["gold_rejected"])
@@ -249,7 +253,7 @@ def sample_rollout(policy, tokenizer, conversations, *, max_new_tokens: int = 40
         enc = tokenizer(chat_prompts(tokenizer, conversations), return_tensors="pt", padding=True,
                         add_special_tokens=False).to(device)
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-        torch.manual_seed(seed)
+        torch.manual_seed(course_seed(seed))
         seqs = policy.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                                max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     new = seqs[:, enc["input_ids"].shape[1]:].tolist()
@@ -355,7 +359,7 @@ def train_ppo(policy, reference, value_model, reward_model, tokenizer, conversat
             m.eval()
     opt_policy = torch.optim.AdamW(policy.parameters(), lr=s.lr, weight_decay=0.0)
     opt_value = torch.optim.AdamW(value_model.parameters(), lr=s.value_lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(s.seed)
+    g = torch.Generator().manual_seed(course_seed(s.seed))
     order, cursor = torch.randperm(len(conversations), generator=g).tolist(), 0
     history, bar = [], progress(total=s.iterations, desc="PPO", disable=not show_progress)
     mean, std = reward_norm
