@@ -12,6 +12,8 @@ Greedy decoding hardly moves under such a short DPO run (about nine in ten greed
 the same, and the few that change are not yet better on average): it is printed, not asserted.
 Chapter 4 studies it, with a beta sweep.
 """
+import math
+
 import pytest
 
 from utils import data, evaluate
@@ -54,7 +56,11 @@ def test_sft_then_dpo_raise_the_gold_score(eval_set):
     assert 0.7 < sum(pairs["label_correct"]) / len(pairs) < 0.95  # noisy, but informative
 
     history = train_dpo(sft, tok, pairs, beta=0.1, lr=5e-5, epochs=2, batch_size=32, show_progress=False)
-    assert history[-1]["loss"] < history[0]["loss"]
+    # the DPO loss starts at exactly log 2 (policy = reference); over the whole second epoch it is lower.
+    # (One minibatch's loss against another's is noise: it failed on an Intel CPU, 0.727 vs 0.693.)
+    second_epoch = history[len(history) // 2:]
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert sum(h["loss"] for h in second_epoch) / len(second_epoch) < math.log(2)
     dpo_sampled = _eval(sft, tok, eval_set, do_sample=True, seed=3)
     dpo_greedy = _eval(sft, tok, eval_set)
     result = evaluate.win_rate(dpo_sampled.gold, sft_sampled.gold)
