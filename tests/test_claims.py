@@ -92,7 +92,7 @@ def test_every_claim_held_in_every_run_of_the_sweep():
         if c is None:
             problems.append(f"{nb}: {sentence!r} is not in benchmarks/claims.json: run the claims sweep")
             continue
-        missing = [r for r in data["runs"] if r not in c["runs"]]
+        missing = [r for r in data["required_runs"] if r not in c["runs"]]  # a GPU run is added where one was had
         failed = {r: x["checks"] for r, x in c["runs"].items() if not x["held"]}
         if missing or failed:
             problems.append(f"{nb}: {sentence!r}: " + (f"not run in {missing}; " if missing else "")
