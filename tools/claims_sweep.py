@@ -146,17 +146,12 @@ def write_meta(run: str, meta: dict) -> None:
 
 
 def machine() -> str:
-    import platform
+    """This machine in a few words (the benchmark's description)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from run_notebooks import machine as describe  # noqa: E402
 
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
+    m = describe()
+    return f"{m['cpu']}, {m['cores']} cores"
 
 
 def report() -> dict:
