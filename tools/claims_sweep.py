@@ -76,11 +76,15 @@ def stated_claims() -> list[tuple[str, str]]:
     return out
 
 
-def read_records(run: str) -> list[dict]:
-    path = RECORDS / f"{run}.jsonl"
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file (none if it does not exist)."""
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_records(run: str) -> list[dict]:
+    return read_jsonl(RECORDS / f"{run}.jsonl")
 
 
 def write_records(run: str, rows: list[dict]) -> None:
@@ -113,7 +117,7 @@ def record_claims(run: str, notebook: str, record: Path, env: dict | None = None
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        rows = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+        rows = read_jsonl(record)
         for r in rows:
             r["run"] = run
         if error:
@@ -239,8 +243,8 @@ def render_page(data: dict) -> str:
                 if x is None:
                     cells.append("not run")
                     continue
-                tight = min(x["checks"], key=len) if len(x["checks"]) == 1 else "; ".join(x["checks"])
-                cells.append(("✓ " if x["held"] else "**✗** ") + tight.replace("|", "\\|"))
+                checks = "; ".join(x["checks"])
+                cells.append(("✓ " if x["held"] else "**✗** ") + checks.replace("|", "\\|"))
             margin = "" if c["smallest_margin"] is None else f"{c['smallest_margin']:.3g}"
             lines.append(f"| {c['claim']} | " + " | ".join(cells) + f" | {margin} |")
     if data["errors"]:
@@ -260,7 +264,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.import_run:
         name, file = args.import_run
-        rows = [json.loads(line) for line in Path(file).read_text().splitlines() if line.strip()]
+        rows = read_jsonl(Path(file))
         for r in rows:
             r["run"] = name
         write_records(name, rows)
