@@ -4,9 +4,8 @@ The environment defaults are set before anything imports ``transformers`` or ``h
 (both read ``HF_HUB_OFFLINE`` at import time): no test may touch the network, plots render
 without a display, and the ``tiny`` profile is the default.
 """
+
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,19 +15,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not os.environ.get("COURSE_PROFILE"):
     os.environ["COURSE_PROFILE"] = "tiny"
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import pytest  # noqa: E402
+import pytest  # noqa: E402  (after the environment defaults above)
 
 # Small enough to build in milliseconds, big enough to exercise every code path.
-TINY_SIZES = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                  intermediate_size=64)
+TINY_SIZES = dict(
+    hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64
+)
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: trains real models end to end (minutes); deselect with -m 'not slow'")
+    config.addinivalue_line(
+        "markers", "slow: trains real models end to end (minutes); deselect with -m 'not slow'"
+    )
 
 
 @pytest.fixture(scope="session")

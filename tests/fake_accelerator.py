@@ -16,6 +16,7 @@ with :func:`to_fake` (or ``model.to(FAKE)``) lives on a pretend accelerator, ``F
 So a test that runs a function with its model on FAKE fails exactly where the function would fail
 on CUDA because of device placement. (It does not emulate CUDA's numerics, streams or memory.)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,8 +40,10 @@ class OnFake(torch.Tensor):
         return FAKE
 
     def numpy(self, *args, **kwargs):
-        raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the "
-                        "tensor to host memory first. (fake accelerator)")
+        raise TypeError(
+            "can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the "
+            "tensor to host memory first. (fake accelerator)"
+        )
 
     def __array__(self, *args, **kwargs):
         return self.numpy()
@@ -122,7 +125,13 @@ def _target(func, args, kwargs):
                     return "cpu"
         return None
     if "device" in kwargs and kwargs["device"] is not None:
-        return "fake" if _is_fake_device(kwargs["device"]) else "cpu" if _is_cpu_device(kwargs["device"]) else None
+        return (
+            "fake"
+            if _is_fake_device(kwargs["device"])
+            else "cpu"
+            if _is_cpu_device(kwargs["device"])
+            else None
+        )
     return None
 
 
@@ -139,18 +148,24 @@ class _Strict(TorchFunctionMode):
         if any_fake and target is None and func not in _COPIES:
             checked = inputs
             if func in _INDEXING or func is torch.Tensor.__setitem__:
-                checked = [args[0]] + ([args[2]] if func is torch.Tensor.__setitem__ and len(args) > 2 else [])
+                checked = [args[0]] + (
+                    [args[2]] if func is torch.Tensor.__setitem__ and len(args) > 2 else []
+                )
                 checked = [t for t in checked if isinstance(t, torch.Tensor)]
             cpu = [t for t in checked if not isinstance(t, OnFake) and t.dim() > 0]
             if cpu:
                 raise RuntimeError(
-                    f"Expected all tensors to be on the same device, but found at least two devices, cuda:0 and cpu! "
+                    "Expected all tensors to be on the same device, but found at least two devices, "
+                    "cuda:0 and cpu! "
                     f"(fake accelerator: {getattr(func, '__name__', func)} got a CPU tensor of shape "
-                    f"{tuple(cpu[0].shape)} beside the model's tensors)")
+                    f"{tuple(cpu[0].shape)} beside the model's tensors)"
+                )
         # OnFake disables its own __torch_function__, so the call runs as on plain CPU tensors
         out = func(*args, **kwargs)
         if func is torch.Tensor.cpu or (func is torch.Tensor.to and target == "cpu"):
-            return _plain(out).clone() if isinstance(out, OnFake) or out is args[0] else out  # a copy, as a transfer
+            return (
+                _plain(out).clone() if isinstance(out, OnFake) or out is args[0] else out
+            )  # a copy, as a transfer
         wrap = target == "fake" or (any_fake and target != "cpu")
         if not wrap:
             return out

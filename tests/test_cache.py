@@ -1,4 +1,5 @@
 """The artifact cache: keyed by recipe, written atomically, safetensors only."""
+
 import copy
 import json
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 
 from utils import cache
-from utils.pretrain import load_model, save_model
+from utils.artifacts import load_pair as load_model
+from utils.artifacts import save_pair as save_model
 
 RECIPE = {"steps": 10, "lr": 3e-3, "model": {"hidden": 32}}
 
@@ -20,13 +22,21 @@ def test_cache_root_follows_the_environment(tmp_cache):
 def test_recipe_key_is_stable():
     assert cache.recipe_key("base", RECIPE) == cache.recipe_key("base", copy.deepcopy(RECIPE))
     reordered = {"model": {"hidden": 32}, "lr": 3e-3, "steps": 10}
-    assert cache.recipe_key("base", reordered) == cache.recipe_key("base", RECIPE)  # key order does not matter
+    assert cache.recipe_key("base", reordered) == cache.recipe_key(
+        "base", RECIPE
+    )  # key order does not matter
     assert len(cache.recipe_key("base", RECIPE)) == 16
 
 
-@pytest.mark.parametrize("change", [
-    {"steps": 11}, {"lr": 3e-4}, {"model": {"hidden": 64}}, {"extra": None},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"steps": 11},
+        {"lr": 3e-4},
+        {"model": {"hidden": 64}},
+        {"extra": None},
+    ],
+)
 def test_recipe_key_changes_with_the_recipe(change):
     assert cache.recipe_key("base", RECIPE | change) != cache.recipe_key("base", RECIPE)
 
@@ -39,7 +49,11 @@ def test_save_artifact_writes_the_folder_and_the_recipe(tmp_cache):
     path = cache.save_artifact("thing", RECIPE, lambda tmp: (tmp / "data.txt").write_text("hello"))
     assert path == cache.artifact_path("thing", RECIPE)
     assert (path / "data.txt").read_text() == "hello"
-    assert json.loads((path / cache.RECIPE_FILE).read_text()) == {"name": "thing", "recipe": RECIPE, "course_seed": 0}
+    assert json.loads((path / cache.RECIPE_FILE).read_text()) == {
+        "name": "thing",
+        "recipe": RECIPE,
+        "course_seed": 0,
+    }
     assert cache.is_cached("thing", RECIPE)
     assert not cache.is_cached("thing", RECIPE | {"steps": 99})
     assert [p.name for p in tmp_cache.iterdir()] == [path.name]  # no temporary folder left
@@ -120,7 +134,9 @@ def test_a_changed_recipe_triggers_a_rebuild(tmp_cache):
     cache.load_or_build("thing", RECIPE, c.build, c.save, c.load)
     changed = cache.load_or_build("thing", RECIPE | {"lr": 1e-3}, c.build, c.save, c.load)
     assert changed == "built-2" and c.builds == 2
-    assert cache.load_or_build("thing", RECIPE, c.build, c.save, c.load) == "built-1"  # the old one is still there
+    assert (
+        cache.load_or_build("thing", RECIPE, c.build, c.save, c.load) == "built-1"
+    )  # the old one is still there
     assert c.builds == 2
 
 
@@ -129,7 +145,9 @@ def test_rebuild_forces_a_build(tmp_cache):
     cache.load_or_build("thing", RECIPE, c.build, c.save, c.load)
     rebuilt = cache.load_or_build("thing", RECIPE, c.build, c.save, c.load, rebuild=True)
     assert rebuilt == "built-2" and c.builds == 2
-    assert cache.load_or_build("thing", RECIPE, c.build, c.save, c.load) == "built-2"  # the rebuilt one replaced it
+    assert (
+        cache.load_or_build("thing", RECIPE, c.build, c.save, c.load) == "built-2"
+    )  # the rebuilt one replaced it
 
 
 def test_a_failed_build_caches_nothing(tmp_cache):
@@ -151,7 +169,9 @@ def test_model_round_trip_is_exact_and_safe(tmp_cache, tiny_model, tiny_tokenize
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"))], files
     model, tok = load_model(path)
     assert not model.training
-    ids = torch.tensor([tiny_tokenizer("Alba is blue. 3 plus 4 is 7.", add_special_tokens=False)["input_ids"]])
+    ids = torch.tensor(
+        [tiny_tokenizer("Alba is blue. 3 plus 4 is 7.", add_special_tokens=False)["input_ids"]]
+    )
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, tiny_model(input_ids=ids).logits)
     assert tok.get_vocab() == tiny_tokenizer.get_vocab()
@@ -186,4 +206,6 @@ def test_each_course_seed_has_its_own_artifacts(tmp_cache, monkeypatch):
     assert cache.load_or_build("thing", RECIPE, c.build, c.save, c.load) == "built-2"
     monkeypatch.setenv("COURSE_SEED", "0")
     assert cache.load_or_build("thing", RECIPE, c.build, c.save, c.load) == "built-1"
-    assert json.loads((cache.artifact_path("thing", RECIPE) / cache.RECIPE_FILE).read_text())["course_seed"] == 0
+    assert (
+        json.loads((cache.artifact_path("thing", RECIPE) / cache.RECIPE_FILE).read_text())["course_seed"] == 0
+    )

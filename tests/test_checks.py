@@ -1,5 +1,6 @@
 """Checkers must accept a correct answer and reject planted bugs with a message that names them;
 plus the reference pieces they and later chapters rely on (SFT masking, DPO, win rates)."""
+
 import copy
 import math
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils import data, dpo, evaluate, judge, sft
+from utils import data, dpo, evaluate, judge, logprobs, sft
 from utils.checks import CheckError, check_next_token_loss, check_sample_next_token
 from utils.tokenizer import ASSISTANT, END
 
@@ -30,8 +31,9 @@ def reversed_shift(logits, input_ids):
 
 def summed(logits, input_ids):
     v = logits.size(-1)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, v), input_ids[:, 1:].reshape(-1), ignore_index=-100,
-                           reduction="sum")
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, v), input_ids[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
 
 
 def counts_ignored(logits, input_ids):
@@ -49,8 +51,9 @@ def divides_by_all_positions(logits, input_ids):
 
 def per_token(logits, input_ids):
     v = logits.size(-1)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, v), input_ids[:, 1:].reshape(-1), ignore_index=-100,
-                           reduction="none")
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, v), input_ids[:, 1:].reshape(-1), ignore_index=-100, reduction="none"
+    )
 
 
 def detached(logits, input_ids):
@@ -86,19 +89,23 @@ def test_loss_checker_accepts_the_reference():
     check_next_token_loss(next_token_loss)
 
 
-@pytest.mark.parametrize("fn, message", [
-    (no_shift, "did not shift"),
-    (reversed_shift, "shifted the wrong way"),
-    (summed, "summed the token losses"),
-    (counts_ignored, r"ignored positions \(-100\) are counted"),
-    (divides_by_all_positions, "divided by all positions"),
-    (per_token, r"should return a scalar .* got shape \(\d+,\)"),
-    (detached, r"not connected to the logits' graph .*\.detach\(\)"),
-    (one_argument, "wrong signature"),
-    (loss_stub, "not implemented yet"),
-    (python_float, "should return a torch.Tensor, got float"),
-    (nll_on_raw_logits, "raw logits to nll_loss"),
-], ids=lambda x: x.__name__ if callable(x) else "")
+@pytest.mark.parametrize(
+    "fn, message",
+    [
+        (no_shift, "did not shift"),
+        (reversed_shift, "shifted the wrong way"),
+        (summed, "summed the token losses"),
+        (counts_ignored, r"ignored positions \(-100\) are counted"),
+        (divides_by_all_positions, "divided by all positions"),
+        (per_token, r"should return a scalar .* got shape \(\d+,\)"),
+        (detached, r"not connected to the logits' graph .*\.detach\(\)"),
+        (one_argument, "wrong signature"),
+        (loss_stub, "not implemented yet"),
+        (python_float, "should return a torch.Tensor, got float"),
+        (nll_on_raw_logits, "raw logits to nll_loss"),
+    ],
+    ids=lambda x: x.__name__ if callable(x) else "",
+)
 def test_loss_checker_rejects_planted_bugs(fn, message):
     with pytest.raises(CheckError, match=message):
         check_next_token_loss(fn)
@@ -226,22 +233,26 @@ def test_sampler_checker_accepts_a_correct_sampler(capsys):
     assert "[check passed]" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("fn, message", [
-    (always_argmax, r"at temperature 1.0 .* sampled frequencies"),
-    (multiplies_by_temperature, "multiplied by the temperature"),
-    (ignores_temperature, "temperature seems to have no effect"),
-    (keeps_k_plus_1, "with top_k=1 .* must always pick the most likely token"),
-    (keeps_k_plus_1_beyond_one, r"with top_k=2 .* sampled tokens \[2\] outside the 2 most likely"),
-    (keeps_k_minus_1, r"with top_k=2 .* never sampled .*off-by-one"),
-    (ignores_top_k, "with top_k=1 .* must always pick the most likely token"),
-    (inplace_when_greedy, r"changed the logits passed in \(an in-place operation"),
-    (inplace_temperature, r"in-place"),
-    (inplace_top_k, r"in-place"),
-    (wrong_shape, r"returned shape \(2, 1\); expected \(2,\)"),
-    (float_ids, "should return token ids .* got dtype torch.float32"),
-    (sampler_stub, "not implemented yet"),
-    (temperature_zero_not_greedy, r"with temperature 0 .* should be greedy \(argmax\)"),
-], ids=lambda x: x.__name__ if callable(x) else "")
+@pytest.mark.parametrize(
+    "fn, message",
+    [
+        (always_argmax, r"at temperature 1.0 .* sampled frequencies"),
+        (multiplies_by_temperature, "multiplied by the temperature"),
+        (ignores_temperature, "temperature seems to have no effect"),
+        (keeps_k_plus_1, "with top_k=1 .* must always pick the most likely token"),
+        (keeps_k_plus_1_beyond_one, r"with top_k=2 .* sampled tokens \[2\] outside the 2 most likely"),
+        (keeps_k_minus_1, r"with top_k=2 .* never sampled .*off-by-one"),
+        (ignores_top_k, "with top_k=1 .* must always pick the most likely token"),
+        (inplace_when_greedy, r"changed the logits passed in \(an in-place operation"),
+        (inplace_temperature, r"in-place"),
+        (inplace_top_k, r"in-place"),
+        (wrong_shape, r"returned shape \(2, 1\); expected \(2,\)"),
+        (float_ids, "should return token ids .* got dtype torch.float32"),
+        (sampler_stub, "not implemented yet"),
+        (temperature_zero_not_greedy, r"with temperature 0 .* should be greedy \(argmax\)"),
+    ],
+    ids=lambda x: x.__name__ if callable(x) else "",
+)
 def test_sampler_checker_rejects_planted_bugs(fn, message):
     with pytest.raises(CheckError, match=message):
         check_sample_next_token(fn)
@@ -256,10 +267,12 @@ def test_sampler_checker_rejects_a_wrong_signature():
 
 
 # === utils.sft: prompt-masked labels =======================================================
-CONV = [{"role": "user", "content": "What colour is Alba?"},
-        {"role": "assistant", "content": "Alba is blue."},
-        {"role": "user", "content": "What does it eat?"},
-        {"role": "assistant", "content": "Alba eats apples."}]
+CONV = [
+    {"role": "user", "content": "What colour is Alba?"},
+    {"role": "assistant", "content": "Alba is blue."},
+    {"role": "user", "content": "What does it eat?"},
+    {"role": "assistant", "content": "Alba eats apples."},
+]
 
 
 def ids_of(tok, text):
@@ -272,12 +285,14 @@ def test_sft_example_labels_only_assistant_tokens(tiny_tokenizer):
     assert len(ids) == len(labels)
     assert ids == tiny_tokenizer.apply_chat_template(CONV, tokenize=True, return_dict=True)["input_ids"]
     end = tiny_tokenizer.convert_tokens_to_ids(END)
-    kept = [t for t in labels if t != sft.IGNORE]
-    assert kept == ids_of(tiny_tokenizer, "Alba is blue.") + [end] + ids_of(tiny_tokenizer, "Alba eats apples.") + [end]
-    assert all(lab in (sft.IGNORE, t) for t, lab in zip(ids, labels))
-    assert labels[0] == sft.IGNORE  # the <|user|> marker is never a target
+    kept = [t for t in labels if t != logprobs.IGNORE]
+    assert kept == ids_of(tiny_tokenizer, "Alba is blue.") + [end] + ids_of(
+        tiny_tokenizer, "Alba eats apples."
+    ) + [end]
+    assert all(lab in (logprobs.IGNORE, t) for t, lab in zip(ids, labels))
+    assert labels[0] == logprobs.IGNORE  # the <|user|> marker is never a target
     assistant = tiny_tokenizer.convert_tokens_to_ids(ASSISTANT)
-    assert all(lab == sft.IGNORE for t, lab in zip(ids, labels) if t == assistant)
+    assert all(lab == logprobs.IGNORE for t, lab in zip(ids, labels) if t == assistant)
 
 
 def test_sft_example_truncates(tiny_tokenizer):
@@ -300,10 +315,16 @@ def test_sft_example_needs_generation_markers(tiny_tokenizer):
 def test_completion_example_labels_only_the_last_assistant_turn(tiny_tokenizer):
     ex = sft.completion_example(tiny_tokenizer, CONV[:3], CONV[3:])
     end = tiny_tokenizer.convert_tokens_to_ids(END)
-    assert [t for t in ex["labels"] if t != sft.IGNORE] == ids_of(tiny_tokenizer, "Alba eats apples.") + [end]
+    assert [t for t in ex["labels"] if t != logprobs.IGNORE] == ids_of(
+        tiny_tokenizer, "Alba eats apples."
+    ) + [end]
     assert ex["input_ids"] == sft.sft_example(tiny_tokenizer, CONV)["input_ids"]
-    n_prompt = len(tiny_tokenizer.apply_chat_template(CONV[:3], add_generation_prompt=True, return_dict=True)["input_ids"])
-    assert all(t == sft.IGNORE for t in ex["labels"][:n_prompt])
+    n_prompt = len(
+        tiny_tokenizer.apply_chat_template(CONV[:3], add_generation_prompt=True, return_dict=True)[
+            "input_ids"
+        ]
+    )
+    assert all(t == logprobs.IGNORE for t in ex["labels"][:n_prompt])
     assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
 
 
@@ -325,33 +346,35 @@ def test_collate_pads_ids_labels_and_mask():
 def test_sequence_logprobs_matches_a_manual_sum():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 7, generator=g)
-    labels = torch.tensor([[-100, -100, 3, 4, 1],
-                           [-100, 6, 0, -100, -100]])
+    labels = torch.tensor([[-100, -100, 3, 4, 1], [-100, 6, 0, -100, -100]])
     logp = logits.log_softmax(-1)
-    want = torch.stack([logp[0, 1, 3] + logp[0, 2, 4] + logp[0, 3, 1],  # position t predicts label t+1
-                        logp[1, 0, 6] + logp[1, 1, 0]])
-    got = dpo.sequence_logprobs(logits, labels)
+    want = torch.stack(
+        [
+            logp[0, 1, 3] + logp[0, 2, 4] + logp[0, 3, 1],  # position t predicts label t+1
+            logp[1, 0, 6] + logp[1, 1, 0],
+        ]
+    )
+    got = logprobs.sequence_logprobs(logits, labels)
     assert got.shape == (2,)
     assert torch.allclose(got, want, atol=1e-6)
 
 
 def test_sequence_logprobs_of_an_all_ignored_row_is_zero():
     logits = torch.randn(1, 4, 5)
-    assert dpo.sequence_logprobs(logits, torch.full((1, 4), -100)).item() == 0.0
+    assert logprobs.sequence_logprobs(logits, torch.full((1, 4), -100)).item() == 0.0
 
 
 def test_dpo_loss_is_log_two_when_policy_equals_reference():
     logps = torch.tensor([-3.0, -7.5, -1.2])
     rejected = torch.tensor([-4.0, -2.0, -9.0])
-    loss, rc, rr = dpo.dpo_loss(logps, rejected, logps.clone(), rejected.clone(), beta=0.1)
+    loss = dpo.dpo_loss(logps, rejected, logps.clone(), rejected.clone(), beta=0.1)
     assert loss.item() == pytest.approx(math.log(2))
-    assert torch.all(rc == 0) and torch.all(rr == 0)
 
 
-def test_dpo_loss_value_and_rewards():
-    loss, rc, rr = dpo.dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]),
-                                torch.tensor([-2.0]), beta=0.5)
-    assert rc.item() == pytest.approx(0.5) and rr.item() == pytest.approx(-0.5)
+def test_dpo_loss_value():
+    loss = dpo.dpo_loss(
+        torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5
+    )
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-1.0)))  # -log sigmoid(0.5 - (-0.5))
 
 
@@ -359,17 +382,17 @@ def test_dpo_loss_gradient_signs():
     chosen = torch.tensor([-5.0, -6.0], requires_grad=True)
     rejected = torch.tensor([-5.0, -4.0], requires_grad=True)
     ref_c, ref_r = torch.tensor([-5.0, -5.0]), torch.tensor([-5.0, -5.0])
-    loss, _, _ = dpo.dpo_loss(chosen, rejected, ref_c, ref_r, beta=0.1)
+    loss = dpo.dpo_loss(chosen, rejected, ref_c, ref_r, beta=0.1)
     loss.backward()
     assert torch.all(chosen.grad < 0)  # raising the chosen log-prob lowers the loss
     assert torch.all(rejected.grad > 0)  # raising the rejected log-prob raises it
-    higher, _, _ = dpo.dpo_loss(chosen.detach() + 1.0, rejected.detach(), ref_c, ref_r, beta=0.1)
+    higher = dpo.dpo_loss(chosen.detach() + 1.0, rejected.detach(), ref_c, ref_r, beta=0.1)
     assert higher.item() < loss.item()
 
 
 def test_dpo_loss_beta_scales_the_margin():
     args = (torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]))
-    assert dpo.dpo_loss(*args, beta=1.0)[0].item() < dpo.dpo_loss(*args, beta=0.1)[0].item()
+    assert dpo.dpo_loss(*args, beta=1.0).item() < dpo.dpo_loss(*args, beta=0.1).item()
 
 
 def test_train_dpo_runs_three_steps(tiny_model, tiny_tokenizer):
@@ -377,14 +400,22 @@ def test_train_dpo_runs_three_steps(tiny_model, tiny_tokenizer):
     pairs = pairs.select(range(8))
     policy = copy.deepcopy(tiny_model)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
-    history = dpo.train_dpo(policy, tiny_tokenizer, pairs, beta=0.1, lr=1e-3, epochs=3, batch_size=8,
-                            show_progress=False)
+    history = dpo.train_dpo(
+        policy,
+        tiny_model,
+        tiny_tokenizer,
+        pairs,
+        beta=0.1,
+        lr=1e-3,
+        epochs=3,
+        batch_size=8,
+        show_progress=False,
+    )
     assert len(history) == 3
-    for row in history:
-        assert {"loss", "accuracy", "margin"} <= set(row)
-        assert math.isfinite(row["loss"]) and 0.0 <= row["accuracy"] <= 1.0
-    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # step 1: policy == reference
-    assert history[0]["margin"] == pytest.approx(0.0, abs=1e-4)
+    assert {"loss", "accuracy", "margin", "logp_chosen", "logp_rejected"} <= set(history.columns)
+    assert history.loss.map(math.isfinite).all() and history.accuracy.between(0, 1).all()
+    assert history.loss[0] == pytest.approx(math.log(2), abs=1e-4)  # step 1: policy == reference
+    assert history.margin[0] == pytest.approx(0.0, abs=1e-4)
     assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
     assert not policy.training
 
@@ -392,7 +423,9 @@ def test_train_dpo_runs_three_steps(tiny_model, tiny_tokenizer):
 def test_train_dpo_needs_the_preference_columns(tiny_model, tiny_tokenizer):
     pairs = data.annotator_preferences(4).remove_columns(["chosen"])
     with pytest.raises(ValueError, match=r"DPO needs the column\(s\) \['chosen'\]"):
-        dpo.train_dpo(copy.deepcopy(tiny_model), tiny_tokenizer, pairs, epochs=1, show_progress=False)
+        dpo.train_dpo(
+            copy.deepcopy(tiny_model), tiny_model, tiny_tokenizer, pairs, epochs=1, show_progress=False
+        )
 
 
 # === utils.evaluate ========================================================================
@@ -424,16 +457,20 @@ def test_win_rate_rejects_bad_input(a, b):
         evaluate.win_rate(a, b)
 
 
-def test_mean_ci():
-    result = evaluate.mean_ci([1.0, 2.0, 3.0, 4.0])
-    assert result["mean"] == 2.5 and result["low"] <= 2.5 <= result["high"]
-
-
 def test_evaluate_scores_every_generation_with_the_judge(tiny_model, tiny_tokenizer):
     convs = data.eval_conversations(6, dialogues=0.5)
     df = evaluate.evaluate(tiny_model, tiny_tokenizer, convs["prompt"], kinds=convs["kind"], max_new_tokens=6)
-    assert list(df.columns) == ["prompt", "kind", "response", "finished", "n_tokens", "gold", "correct", "rude",
-                                "refused"]
+    assert list(df.columns) == [
+        "prompt",
+        "kind",
+        "response",
+        "finished",
+        "n_tokens",
+        "gold",
+        "correct",
+        "rude",
+        "refused",
+    ]
     assert len(df) == 6 and list(df["kind"]) == list(convs["kind"])
     for conv, row in zip(convs["prompt"], df.itertuples()):
         assert row.gold == pytest.approx(judge.score(conv, row.response, row.finished))

@@ -1,11 +1,12 @@
 """Chapter 5's checkers accept correct code and reject planted bugs, naming them."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from utils.checks import CheckError, check_average_logprobs, check_log_odds, check_orpo_loss
 from utils.data import annotator_preferences
-from utils.dpo import sequence_logprobs
+from utils.logprobs import sequence_logprobs
 from utils.orpo import average_logprobs, log_odds, orpo_loss
 
 
@@ -36,13 +37,19 @@ def test_orpo_loss_hand_made():
     check_orpo_loss(orpo_loss)  # returns (loss, ratio)
 
 
-@pytest.mark.parametrize("bug, message", [
-    (lambda nll, c, r, lam: nll + lam * F.logsigmoid(log_odds(c) - log_odds(r)).mean(), "sign of the odds-ratio"),
-    (lambda nll, c, r, lam: nll - lam * F.logsigmoid(c - r).mean(), "log \\*odds\\* ratio"),
-    (lambda nll, c, r, lam: -lam * F.logsigmoid(log_odds(c) - log_odds(r)).mean(), "NLL term"),
-    (lambda nll, c, r, lam: good(nll, c, r, lam).detach(), "detached"),
-    (lambda nll, c, r, lam: nll - lam * F.logsigmoid(log_odds(c) - log_odds(r)), "one number"),
-])
+@pytest.mark.parametrize(
+    "bug, message",
+    [
+        (
+            lambda nll, c, r, lam: nll + lam * F.logsigmoid(log_odds(c) - log_odds(r)).mean(),
+            "sign of the odds-ratio",
+        ),
+        (lambda nll, c, r, lam: nll - lam * F.logsigmoid(c - r).mean(), "log \\*odds\\* ratio"),
+        (lambda nll, c, r, lam: -lam * F.logsigmoid(log_odds(c) - log_odds(r)).mean(), "NLL term"),
+        (lambda nll, c, r, lam: good(nll, c, r, lam).detach(), "detached"),
+        (lambda nll, c, r, lam: nll - lam * F.logsigmoid(log_odds(c) - log_odds(r)), "one number"),
+    ],
+)
 def test_orpo_loss_rejects(bug, message):
     with pytest.raises(CheckError, match=message):
         check_orpo_loss(bug)
@@ -52,4 +59,6 @@ def test_orpo_loss_against_orpo_trainer(tiny_model, tiny_tokenizer):
     pairs = annotator_preferences(16)
     check_orpo_loss(good, tiny_model, tiny_tokenizer, pairs, lam=0.2)
     with pytest.raises(CheckError, match="ORPO gives"):  # lambda ignored: right only when it is 0.1
-        check_orpo_loss(lambda nll, c, r, lam: good(nll, c, r, 0.1), tiny_model, tiny_tokenizer, pairs, lam=0.2)
+        check_orpo_loss(
+            lambda nll, c, r, lam: good(nll, c, r, 0.1), tiny_model, tiny_tokenizer, pairs, lam=0.2
+        )

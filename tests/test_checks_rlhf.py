@@ -1,27 +1,37 @@
 """Chapter 3's checkers accept correct code and reject planted bugs, naming them."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.checks import (CheckError, check_bradley_terry_loss, check_gae, check_per_token_rewards,
-                          check_ppo_policy_loss, check_ppo_value_loss)
+from utils.checks import (
+    CheckError,
+    check_bradley_terry_loss,
+    check_gae,
+    check_per_token_rewards,
+    check_ppo_policy_loss,
+    check_ppo_value_loss,
+)
 from utils.data import annotator_preferences
-from utils.rlhf import (bradley_terry_loss, gae, masked_mean, per_token_rewards, ppo_policy_loss, ppo_value_loss,
-                        reward_model_from)
+from utils.ppo import gae, masked_mean, per_token_rewards, ppo_policy_loss, ppo_value_loss
+from utils.reward import bradley_terry_loss, reward_model_from
 
 
 def test_bradley_terry_loss():
     check_bradley_terry_loss(bradley_terry_loss)
 
 
-@pytest.mark.parametrize("bug, message", [
-    (lambda rc, rr: -F.logsigmoid(rr - rc).mean(), "sign is flipped"),
-    (lambda rc, rr: -F.logsigmoid(rc - rr).sum(), "average over the batch"),
-    (lambda rc, rr: (rr - rc).mean(), "linear margin"),
-    (lambda rc, rr: -torch.log(torch.sigmoid(rc - rr)).mean(), "F.logsigmoid"),
-    (lambda rc, rr: bradley_terry_loss(rc, rr).detach(), "detached"),
-    (lambda rc, rr: -F.logsigmoid(rc - rr), "one number"),
-])
+@pytest.mark.parametrize(
+    "bug, message",
+    [
+        (lambda rc, rr: -F.logsigmoid(rr - rc).mean(), "sign is flipped"),
+        (lambda rc, rr: -F.logsigmoid(rc - rr).sum(), "average over the batch"),
+        (lambda rc, rr: (rr - rc).mean(), "linear margin"),
+        (lambda rc, rr: -torch.log(torch.sigmoid(rc - rr)).mean(), "F.logsigmoid"),
+        (lambda rc, rr: bradley_terry_loss(rc, rr).detach(), "detached"),
+        (lambda rc, rr: -F.logsigmoid(rc - rr), "one number"),
+    ],
+)
 def test_bradley_terry_loss_rejects(bug, message):
     with pytest.raises(CheckError, match=message):
         check_bradley_terry_loss(bug)
@@ -31,9 +41,17 @@ def test_bradley_terry_loss_against_reward_trainer(tiny_model, tiny_tokenizer):
     pairs = annotator_preferences(16)
     rm = reward_model_from(tiny_model, tiny_tokenizer)
     check_bradley_terry_loss(bradley_terry_loss, rm, tiny_tokenizer, pairs)
-    with pytest.raises(CheckError, match="RewardTrainer gives"):  # a margin of 0.1 passes no hand-made case... nor TRL
-        check_bradley_terry_loss(lambda rc, rr: bradley_terry_loss(rc, rr) if rc.requires_grad
-                                 else bradley_terry_loss(rc - 0.1, rr), rm, tiny_tokenizer, pairs)
+    with pytest.raises(
+        CheckError, match="RewardTrainer gives"
+    ):  # a margin of 0.1 passes no hand-made case... nor TRL
+        check_bradley_terry_loss(
+            lambda rc, rr: (
+                bradley_terry_loss(rc, rr) if rc.requires_grad else bradley_terry_loss(rc - 0.1, rr)
+            ),
+            rm,
+            tiny_tokenizer,
+            pairs,
+        )
 
 
 def test_per_token_rewards():
@@ -52,14 +70,17 @@ def _first_token(scores, lp, ref, mask, kl_coef):
     return r
 
 
-@pytest.mark.parametrize("bug, message", [
-    (lambda s, lp, ref, m, k: per_token_rewards(s, ref, lp, m, k), "sign is flipped"),
-    (lambda s, lp, ref, m, k: per_token_rewards(s, lp, ref, m, 0.0), "KL penalty is missing"),
-    (lambda s, lp, ref, m, k: -k * (lp - ref) * m, "score is missing"),
-    (_first_token, "not the first"),
-    (_last_column, "last \\*column\\*|padding"),
-    (lambda s, lp, ref, m, k: per_token_rewards(s, lp, ref, m, k) - k * (1 - m), "padding positions"),
-])
+@pytest.mark.parametrize(
+    "bug, message",
+    [
+        (lambda s, lp, ref, m, k: per_token_rewards(s, ref, lp, m, k), "sign is flipped"),
+        (lambda s, lp, ref, m, k: per_token_rewards(s, lp, ref, m, 0.0), "KL penalty is missing"),
+        (lambda s, lp, ref, m, k: -k * (lp - ref) * m, "score is missing"),
+        (_first_token, "not the first"),
+        (_last_column, "last \\*column\\*|padding"),
+        (lambda s, lp, ref, m, k: per_token_rewards(s, lp, ref, m, k) - k * (1 - m), "padding positions"),
+    ],
+)
 def test_per_token_rewards_rejects(bug, message):
     with pytest.raises(CheckError, match=message):
         check_per_token_rewards(bug)
@@ -90,14 +111,20 @@ def _leaky_gae(rewards, values, mask, gamma, lam):  # the padding's value counts
     return adv, (adv + values) * mask
 
 
-@pytest.mark.parametrize("bug, message", [
-    (_forward_gae, "hand"),
-    (lambda r, v, m, g, l: gae(r, v, m, 1.0, 1.0), "gamma and lam are ignored"),
-    (lambda r, v, m, g, l: ((r - v) * m, r * m), "hand|do not look ahead"),
-    (lambda r, v, m, g, l: (gae(r, v, m, g, l)[0], gae(r, v, m, g, l)[0]), "those are the advantages"),
-    (_leaky_gae, "leaked"),
-    (lambda r, v, m, g, l: gae(r, v, m, g, l)[0], "a pair"),
-])
+@pytest.mark.parametrize(
+    "bug, message",
+    [
+        (_forward_gae, "hand"),
+        (lambda r, v, m, g, lam: gae(r, v, m, 1.0, 1.0), "gamma and lam are ignored"),
+        (lambda r, v, m, g, lam: ((r - v) * m, r * m), "hand|do not look ahead"),
+        (
+            lambda r, v, m, g, lam: (gae(r, v, m, g, lam)[0], gae(r, v, m, g, lam)[0]),
+            "those are the advantages",
+        ),
+        (_leaky_gae, "leaked"),
+        (lambda r, v, m, g, lam: gae(r, v, m, g, lam)[0], "a pair"),
+    ],
+)
 def test_gae_rejects(bug, message):
     with pytest.raises(CheckError, match=message):
         check_gae(bug)
@@ -107,16 +134,32 @@ def test_ppo_policy_loss():
     check_ppo_policy_loss(ppo_policy_loss)
 
 
-@pytest.mark.parametrize("bug, message", [
-    (lambda lp, old, a, m, c: masked_mean(-a * torch.exp(lp - old), m), "not clipped"),
-    (lambda lp, old, a, m, c: masked_mean(torch.minimum(-a * torch.exp(lp - old),
-                                                        -a * torch.exp(lp - old).clamp(1 - c, 1 + c)), m), "max of the two"),
-    (lambda lp, old, a, m, c: -ppo_policy_loss(lp, old, a, m, c), "sign is flipped"),
-    (lambda lp, old, a, m, c: masked_mean(torch.maximum(-a * (lp - old), -a * (lp - old).clamp(1 - c, 1 + c)), m), "exp"),
-    (lambda lp, old, a, m, c: (torch.maximum(-a * torch.exp(lp - old), -a * torch.exp(lp - old).clamp(1 - c, 1 + c))
-                               * m).mean(), "padding is counted"),
-    (lambda lp, old, a, m, c: ppo_policy_loss(lp, old, a, m, c).detach(), "detached"),
-])
+@pytest.mark.parametrize(
+    "bug, message",
+    [
+        (lambda lp, old, a, m, c: masked_mean(-a * torch.exp(lp - old), m), "not clipped"),
+        (
+            lambda lp, old, a, m, c: masked_mean(
+                torch.minimum(-a * torch.exp(lp - old), -a * torch.exp(lp - old).clamp(1 - c, 1 + c)), m
+            ),
+            "max of the two",
+        ),
+        (lambda lp, old, a, m, c: -ppo_policy_loss(lp, old, a, m, c), "sign is flipped"),
+        (
+            lambda lp, old, a, m, c: masked_mean(
+                torch.maximum(-a * (lp - old), -a * (lp - old).clamp(1 - c, 1 + c)), m
+            ),
+            "exp",
+        ),
+        (
+            lambda lp, old, a, m, c: (
+                torch.maximum(-a * torch.exp(lp - old), -a * torch.exp(lp - old).clamp(1 - c, 1 + c)) * m
+            ).mean(),
+            "padding is counted",
+        ),
+        (lambda lp, old, a, m, c: ppo_policy_loss(lp, old, a, m, c).detach(), "detached"),
+    ],
+)
 def test_ppo_policy_loss_rejects(bug, message):
     with pytest.raises(CheckError, match=message):
         check_ppo_policy_loss(bug)
@@ -130,13 +173,26 @@ def _vclip(v, old, c):
     return old + (v - old).clamp(-c, c)
 
 
-@pytest.mark.parametrize("bug, message", [
-    (lambda v, old, r, m, c: 0.5 * masked_mean((v - r) ** 2, m), "not clipped"),
-    (lambda v, old, r, m, c: 2 * ppo_value_loss(v, old, r, m, c), "0.5"),
-    (lambda v, old, r, m, c: 0.5 * masked_mean(torch.minimum((v - r) ** 2, (_vclip(v, old, c) - r) ** 2), m), "not the min"),
-    (lambda v, old, r, m, c: 0.5 * (torch.maximum((v - r) ** 2, (_vclip(v, old, c) - r) ** 2) * m).mean(), "padding is counted"),
-    (lambda v, old, r, m, c: ppo_value_loss(v, old, r, m, c).detach(), "detached"),
-])
+@pytest.mark.parametrize(
+    "bug, message",
+    [
+        (lambda v, old, r, m, c: 0.5 * masked_mean((v - r) ** 2, m), "not clipped"),
+        (lambda v, old, r, m, c: 2 * ppo_value_loss(v, old, r, m, c), "0.5"),
+        (
+            lambda v, old, r, m, c: (
+                0.5 * masked_mean(torch.minimum((v - r) ** 2, (_vclip(v, old, c) - r) ** 2), m)
+            ),
+            "not the min",
+        ),
+        (
+            lambda v, old, r, m, c: (
+                0.5 * (torch.maximum((v - r) ** 2, (_vclip(v, old, c) - r) ** 2) * m).mean()
+            ),
+            "padding is counted",
+        ),
+        (lambda v, old, r, m, c: ppo_value_loss(v, old, r, m, c).detach(), "detached"),
+    ],
+)
 def test_ppo_value_loss_rejects(bug, message):
     with pytest.raises(CheckError, match=message):
         check_ppo_value_loss(bug)

@@ -1,4 +1,5 @@
 """Chapter 2's checkers accept correct code and reject planted bugs with a message that names them."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,11 +38,18 @@ def test_build_labels_accepts_reference():
     check_build_labels(lambda ids, mask: torch.where(torch.tensor(mask).bool(), torch.tensor(ids), -100))
 
 
-@pytest.mark.parametrize("bug, message", [
-    (unmasked, "prompt is not masked"), (inverted, "other way round"), (shifted, "shifted the labels"),
-    (zero_fill, "not 0 or -1"), (too_short, "one label per token"), (labels_stub, "not implemented yet"),
-    (lambda ids: ids, "wrong signature"),
-])
+@pytest.mark.parametrize(
+    "bug, message",
+    [
+        (unmasked, "prompt is not masked"),
+        (inverted, "other way round"),
+        (shifted, "shifted the labels"),
+        (zero_fill, "not 0 or -1"),
+        (too_short, "one label per token"),
+        (labels_stub, "not implemented yet"),
+        (lambda ids: ids, "wrong signature"),
+    ],
+)
 def test_build_labels_rejects(bug, message):
     with pytest.raises(CheckError, match=message):
         check_build_labels(bug)
@@ -61,7 +69,11 @@ def _pad(examples, pad_id, label_pad=-100, side="right", attn_all=False, length=
             ids.append([pad_id] * k + e["input_ids"])
             labels.append([label_pad] * k + e["labels"])
             attn.append([1 if attn_all else 0] * k + [1] * len(e["input_ids"]))
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(attn)}
+    return {
+        "input_ids": torch.tensor(ids),
+        "labels": torch.tensor(labels),
+        "attention_mask": torch.tensor(attn),
+    }
 
 
 def test_collate_accepts_reference():
@@ -69,14 +81,17 @@ def test_collate_accepts_reference():
     check_collate(lambda ex, pad_id: _pad(ex, pad_id))
 
 
-@pytest.mark.parametrize("bug, message", [
-    (lambda ex, pad_id: _pad(ex, pad_id, label_pad=pad_id), "padded the labels with pad_id"),
-    (lambda ex, pad_id: _pad(ex, pad_id, attn_all=True), "attention_mask to 1 everywhere"),
-    (lambda ex, pad_id: _pad(ex, pad_id, side="left"), "padded on the left"),
-    (lambda ex, pad_id: _pad(ex, pad_id, length=16), r"returned shape \(3, 16\)"),
-    (lambda ex, pad_id: [e["input_ids"] for e in ex], "should return a dict"),
-    (lambda ex, pad_id: {k: v.float() for k, v in _pad(ex, pad_id).items()}, "should be torch.long"),
-])
+@pytest.mark.parametrize(
+    "bug, message",
+    [
+        (lambda ex, pad_id: _pad(ex, pad_id, label_pad=pad_id), "padded the labels with pad_id"),
+        (lambda ex, pad_id: _pad(ex, pad_id, attn_all=True), "attention_mask to 1 everywhere"),
+        (lambda ex, pad_id: _pad(ex, pad_id, side="left"), "padded on the left"),
+        (lambda ex, pad_id: _pad(ex, pad_id, length=16), r"returned shape \(3, 16\)"),
+        (lambda ex, pad_id: [e["input_ids"] for e in ex], "should return a dict"),
+        (lambda ex, pad_id: {k: v.float() for k, v in _pad(ex, pad_id).items()}, "should be torch.long"),
+    ],
+)
 def test_collate_rejects(bug, message):
     with pytest.raises(CheckError, match=message):
         check_collate(bug)
@@ -84,13 +99,16 @@ def test_collate_rejects(bug, message):
 
 # --- sft_loss -----------------------------------------------------------------------------
 def reference_loss(logits, labels):
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
 
 
 def per_sequence_mean(logits, labels):
     v = logits.size(-1)
-    tok = F.cross_entropy(logits[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1), ignore_index=-100,
-                          reduction="none").view(labels.size(0), -1)
+    tok = F.cross_entropy(
+        logits[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="none"
+    ).view(labels.size(0), -1)
     mask = labels[:, 1:] != -100
     return (tok.sum(1) / mask.sum(1)).mean()
 
@@ -100,8 +118,12 @@ def no_shift(logits, labels):
 
 
 def summed(logits, labels):
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-                           ignore_index=-100, reduction="sum")
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
 
 
 def detached(logits, labels):
@@ -112,11 +134,16 @@ def test_sft_loss_accepts_reference():
     check_sft_loss(reference_loss)
 
 
-@pytest.mark.parametrize("bug, message", [
-    (per_sequence_mean, "averaged within each sequence"), (no_shift, "did not shift"),
-    (summed, "summed the token losses"), (detached, "detached"),
-    (lambda logits, labels: reference_loss(logits, labels).unsqueeze(0), "should return a scalar"),
-])
+@pytest.mark.parametrize(
+    "bug, message",
+    [
+        (per_sequence_mean, "averaged within each sequence"),
+        (no_shift, "did not shift"),
+        (summed, "summed the token losses"),
+        (detached, "detached"),
+        (lambda logits, labels: reference_loss(logits, labels).unsqueeze(0), "should return a scalar"),
+    ],
+)
 def test_sft_loss_rejects(bug, message):
     with pytest.raises(CheckError, match=message):
         check_sft_loss(bug)
@@ -131,12 +158,15 @@ def test_count_trainable_accepts_reference():
     check_count_trainable(count_ok)
 
 
-@pytest.mark.parametrize("bug, message", [
-    (lambda m: sum(p.numel() for p in m.parameters()), "counts frozen parameters"),
-    (lambda m: sum(t.numel() for t in m.state_dict().values()), "state_dict"),
-    (lambda m: count_ok(m) / sum(p.numel() for p in m.parameters()), "should return an int"),
-    (lambda m: count_ok(m) + 1, "count p.numel"),
-])
+@pytest.mark.parametrize(
+    "bug, message",
+    [
+        (lambda m: sum(p.numel() for p in m.parameters()), "counts frozen parameters"),
+        (lambda m: sum(t.numel() for t in m.state_dict().values()), "state_dict"),
+        (lambda m: count_ok(m) / sum(p.numel() for p in m.parameters()), "should return an int"),
+        (lambda m: count_ok(m) + 1, "count p.numel"),
+    ],
+)
 def test_count_trainable_rejects(bug, message):
     with pytest.raises(CheckError, match=message):
         check_count_trainable(bug)

@@ -1,4 +1,5 @@
 """Profiles, device/dtype choice and seeding."""
+
 import random
 
 import numpy as np
@@ -39,8 +40,10 @@ def test_unknown_profile_names_the_choices(monkeypatch, how):
         monkeypatch.setenv(config.PROFILE_ENV, "huge")
         call = config.get_profile
     else:
+
         def call():
             return config.get_profile("huge")
+
     with pytest.raises(ValueError, match=r"unknown profile 'huge'.*\['hub', 'tiny'\].*COURSE_PROFILE"):
         call()
 
@@ -107,7 +110,9 @@ def test_course_seed_shifts_every_stream_apart(monkeypatch):
     shifted = [config.course_seed(s) for s in (0, 1, 3, 12345)]
     assert len(set(shifted)) == 4 and all(s not in (0, 1, 3, 12345) for s in shifted)
     monkeypatch.setenv(config.SEED_ENV, "1")
-    assert not set(shifted) & {config.course_seed(s) for s in (0, 1, 3, 12345)}  # seeds 1 and 2 share no stream
+    assert not set(shifted) & {
+        config.course_seed(s) for s in (0, 1, 3, 12345)
+    }  # seeds 1 and 2 share no stream
 
 
 def test_course_seed_rejects_a_non_integer(monkeypatch):
@@ -122,19 +127,32 @@ def test_the_seed_knob_reaches_models_sampling_and_labels(monkeypatch, tiny_toke
     from utils.models import make_model
 
     def draws():
-        model = make_model(tiny_tokenizer, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                           num_key_value_heads=2, intermediate_size=32)
+        model = make_model(
+            tiny_tokenizer,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=32,
+        )
         order = next(lm_batches(torch.arange(40).view(20, 2), batch_size=4, steps=1))
         prompts = eval_conversations(40, split="train", seed=0)["prompt"]
         labels = label_pairs(prompts, ["Yes."] * 40, ["No."] * 40, drop_ties=False)  # ties: the coin decides
-        return next(model.parameters()).detach().clone(), order, [c[0]["content"] for c in labels["chosen"]], prompts
+        return (
+            next(model.parameters()).detach().clone(),
+            order,
+            [c[0]["content"] for c in labels["chosen"]],
+            prompts,
+        )
 
     monkeypatch.setenv(config.SEED_ENV, "0")
     w0, order0, labels0, prompts0 = draws()
     w0b, order0b, labels0b, _ = draws()
     monkeypatch.setenv(config.SEED_ENV, "1")
     w1, order1, labels1, prompts1 = draws()
-    assert torch.equal(w0, w0b) and torch.equal(order0, order0b) and labels0 == labels0b  # same seed: same run
+    assert (
+        torch.equal(w0, w0b) and torch.equal(order0, order0b) and labels0 == labels0b
+    )  # same seed: same run
     assert not torch.equal(w0, w1) and not torch.equal(order0, order1)
     assert labels0 != labels1  # the annotators' noise is redrawn
     assert list(prompts0) == list(prompts1)  # TinyWorld's prompts are not
@@ -152,7 +170,9 @@ def test_frozen_models_may_use_half_precision_on_a_gpu(monkeypatch):
     assert config.weights_dtype("cuda", trainable=False) == torch.float16
 
 
-@pytest.mark.parametrize("bf16, want", [(True, {"bf16": True, "fp16": False}), (False, {"bf16": False, "fp16": True})])
+@pytest.mark.parametrize(
+    "bf16, want", [(True, {"bf16": True, "fp16": False}), (False, {"bf16": False, "fp16": True})]
+)
 def test_mixed_precision_on_a_gpu_for_the_hub_profile(bf16, want):
     """bf16 autocast on an A100/H100; fp16 autocast with loss scaling (Trainer's fp16=True) on a T4."""
     hub = config.PROFILES["hub"]

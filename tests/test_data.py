@@ -1,4 +1,5 @@
 """TinyWorld as `datasets` objects in TRL's formats, and LM batching."""
+
 import numpy as np
 import pytest
 import torch
@@ -165,7 +166,14 @@ def test_label_pairs_format_and_dropping_identical_pairs():
     b = ["3 plus 4 is 9.", f" Alba eats {food}. ", "Duh, the opposite of hot is cold."]
     ds = D.label_pairs(convs, a, b, seed=0)
     assert len(ds) == 2  # the second pair differs only by whitespace: dropped
-    assert set(ds.column_names) == {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected", "label_correct"}
+    assert set(ds.column_names) == {
+        "prompt",
+        "chosen",
+        "rejected",
+        "gold_chosen",
+        "gold_rejected",
+        "label_correct",
+    }
     for row, i in zip(ds, (0, 2)):
         assert row["prompt"] == convs[i]
         assert [m["role"] for m in row["chosen"]] == ["assistant"] == [m["role"] for m in row["rejected"]]
@@ -177,8 +185,13 @@ def test_label_pairs_format_and_dropping_identical_pairs():
 
 def test_label_pairs_uses_finished_flags():
     convs = _convs("What is 3 plus 4?") * 200
-    ds = D.label_pairs(convs, ["3 plus 4 is 7."] * 200, ["3 plus 4 is 7!"] * 200,
-                       finished_a=[True] * 200, finished_b=[False] * 200)
+    ds = D.label_pairs(
+        convs,
+        ["3 plus 4 is 7."] * 200,
+        ["3 plus 4 is 7!"] * 200,
+        finished_a=[True] * 200,
+        finished_b=[False] * 200,
+    )
     assert set(ds["gold_chosen"]) | set(ds["gold_rejected"]) == {1.0, 0.5}
     accuracy = np.mean(ds["label_correct"])
     assert accuracy == pytest.approx(J.preference_probability(1.0, 0.5), abs=0.1)
@@ -193,13 +206,18 @@ def test_label_pairs_is_seeded():
 
 def test_label_pairs_drop_ties():
     convs = _convs("What is 3 plus 4?", "What is 3 plus 4?")
-    a, b = ["3 plus 4 is 8.", "3 plus 4 is 7."], ["3 plus 4 is 9.", "3 plus 4 is 6."]  # first pair: both wrong
+    a, b = (
+        ["3 plus 4 is 8.", "3 plus 4 is 7."],
+        ["3 plus 4 is 9.", "3 plus 4 is 6."],
+    )  # first pair: both wrong
     kept = D.label_pairs(convs, a, b, drop_ties=True)
     assert len(kept) == 1 and kept[0]["gold_chosen"] != kept[0]["gold_rejected"]
     both = D.label_pairs(convs, a, b, drop_ties=False)
     assert len(both) == 2
     tie = both[0]
-    assert tie["gold_chosen"] == tie["gold_rejected"] == -1.0 and tie["label_correct"]  # ties count as correct
+    assert (
+        tie["gold_chosen"] == tie["gold_rejected"] == -1.0 and tie["label_correct"]
+    )  # ties count as correct
 
 
 def test_annotator_preferences_are_noisy_but_informative():
@@ -231,7 +249,9 @@ def test_pack_texts(tiny_tokenizer, corpus_texts):
         stream += ids + [sep]
     assert blocks.dtype == torch.long
     assert blocks.shape == (len(stream) // 64, 64)
-    assert blocks.flatten().tolist() == stream[: blocks.numel()]  # documents joined by the separator, in order
+    assert (
+        blocks.flatten().tolist() == stream[: blocks.numel()]
+    )  # documents joined by the separator, in order
     assert (blocks == sep).sum() > 150
     first_len = len(tiny_tokenizer(texts[0], add_special_tokens=False)["input_ids"])
     assert blocks[0, first_len] == sep
@@ -252,5 +272,5 @@ def test_lm_batches_is_deterministic_and_covers_every_block():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
     for epoch in range(3):  # each epoch (two batches) sees every block exactly once
-        rows = torch.cat(a[2 * epoch:2 * epoch + 2])[:, 0].div(4, rounding_mode="floor")
+        rows = torch.cat(a[2 * epoch : 2 * epoch + 2])[:, 0].div(4, rounding_mode="floor")
         assert sorted(rows.tolist()) == list(range(10))

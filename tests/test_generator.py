@@ -1,4 +1,5 @@
 """The solutions -> student notebooks generator, on synthetic notebooks in temporary folders."""
+
 import importlib.util
 from pathlib import Path
 
@@ -34,18 +35,27 @@ print("defined")"""
 
 def make_solution_notebook():
     nb = new_notebook()
-    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-                   "language_info": {"name": "python"}, "widgets": {"state": {}}}
+    nb.metadata = {
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+        "language_info": {"name": "python"},
+        "widgets": {"state": {}},
+    }
     nb.cells = [
         new_markdown_cell("# Chapter 1"),
         new_markdown_cell("old badge", metadata={"tags": ["colab-badge"]}),
         new_code_cell("# stale setup", metadata={"tags": ["bootstrap"]}),
-        new_markdown_cell("Why shift?\n\n<!-- BEGIN SOLUTION -->\nBecause position t predicts t+1.\n"
-                          "<!-- END SOLUTION -->\n\nThe end."),
-        new_code_cell(SOLUTION_CODE, execution_count=3,
-                      outputs=[new_output("stream", name="stdout", text="defined\n")]),
-        new_code_cell("check_next_token_loss(next_token_loss)", execution_count=4,
-                      outputs=[new_output("stream", name="stdout", text="[check passed]\n")]),
+        new_markdown_cell(
+            "Why shift?\n\n<!-- BEGIN SOLUTION -->\nBecause position t predicts t+1.\n"
+            "<!-- END SOLUTION -->\n\nThe end."
+        ),
+        new_code_cell(
+            SOLUTION_CODE, execution_count=3, outputs=[new_output("stream", name="stdout", text="defined\n")]
+        ),
+        new_code_cell(
+            "check_next_token_loss(next_token_loss)",
+            execution_count=4,
+            outputs=[new_output("stream", name="stdout", text="[check passed]\n")],
+        ),
         new_code_cell("assert secret_answer == 42", metadata={"tags": ["solution-only"]}),
     ]
     return nb
@@ -54,7 +64,9 @@ def make_solution_notebook():
 # --- stubbing code ------------------------------------------------------------------------
 def test_stub_code_replaces_the_region_at_its_indentation(gen):
     out = gen._stub_code(SOLUTION_CODE, "nb cell 4")
-    assert out == """\
+    assert (
+        out
+        == """\
 import torch
 
 def next_token_loss(logits, input_ids):
@@ -63,25 +75,39 @@ def next_token_loss(logits, input_ids):
     raise NotImplementedError()
 
 print("defined")"""
+    )
     compile(out, "<stub>", "exec")  # still valid Python
 
 
 def test_stub_code_top_level_and_several_regions(gen):
-    src = "a = 1\n### BEGIN SOLUTION\nb = 2\n### END SOLUTION\nc = 3\nif a:\n        ### BEGIN SOLUTION\n        d = 4\n        ### END SOLUTION"
+    src = (
+        "a = 1\n### BEGIN SOLUTION\nb = 2\n### END SOLUTION\nc = 3\n"
+        "if a:\n        ### BEGIN SOLUTION\n        d = 4\n        ### END SOLUTION"
+    )
     out = gen._stub_code(src, "x")
-    assert out.split("\n") == ["a = 1", "# YOUR CODE HERE", "raise NotImplementedError()", "c = 3", "if a:",
-                               "        # YOUR CODE HERE", "        raise NotImplementedError()"]
+    assert out.split("\n") == [
+        "a = 1",
+        "# YOUR CODE HERE",
+        "raise NotImplementedError()",
+        "c = 3",
+        "if a:",
+        "        # YOUR CODE HERE",
+        "        raise NotImplementedError()",
+    ]
 
 
 def test_stub_code_without_regions_is_unchanged(gen):
     assert gen._stub_code("x = 1\n\ny = 2\n", "x") == "x = 1\n\ny = 2\n"
 
 
-@pytest.mark.parametrize("src, message", [
-    ("### BEGIN SOLUTION\nx = 1", "never closed"),
-    ("x = 1\n### END SOLUTION", "without ### BEGIN SOLUTION"),
-    ("### BEGIN SOLUTION\n### BEGIN SOLUTION\nx\n### END SOLUTION", "nested"),
-])
+@pytest.mark.parametrize(
+    "src, message",
+    [
+        ("### BEGIN SOLUTION\nx = 1", "never closed"),
+        ("x = 1\n### END SOLUTION", "without ### BEGIN SOLUTION"),
+        ("### BEGIN SOLUTION\n### BEGIN SOLUTION\nx\n### END SOLUTION", "nested"),
+    ],
+)
 def test_unbalanced_code_markers_raise(gen, src, message):
     with pytest.raises(gen.GeneratorError, match=f"chapter.ipynb cell 7: .*{message}"):
         gen._stub_code(src, "chapter.ipynb cell 7")
@@ -93,13 +119,21 @@ def test_generator_error_is_a_value_error(gen):
 
 # --- stubbing markdown --------------------------------------------------------------------
 def test_stub_markdown_replaces_each_region(gen):
-    src = ("Q1 <!-- BEGIN SOLUTION -->A1\nmore<!-- END SOLUTION --> and Q2\n"
-           "<!-- BEGIN SOLUTION -->A2<!-- END SOLUTION -->")
+    src = (
+        "Q1 <!-- BEGIN SOLUTION -->A1\nmore<!-- END SOLUTION --> and Q2\n"
+        "<!-- BEGIN SOLUTION -->A2<!-- END SOLUTION -->"
+    )
     assert gen._stub_markdown(src, "x") == "Q1 *Your answer here.* and Q2\n*Your answer here.*"
 
 
-@pytest.mark.parametrize("src", ["<!-- BEGIN SOLUTION --> answer", "answer <!-- END SOLUTION -->",
-                                 "<!-- BEGIN SOLUTION -->a<!-- END SOLUTION --><!-- BEGIN SOLUTION -->b"])
+@pytest.mark.parametrize(
+    "src",
+    [
+        "<!-- BEGIN SOLUTION --> answer",
+        "answer <!-- END SOLUTION -->",
+        "<!-- BEGIN SOLUTION -->a<!-- END SOLUTION --><!-- BEGIN SOLUTION -->b",
+    ],
+)
 def test_unbalanced_markdown_markers_raise(gen, src):
     with pytest.raises(gen.GeneratorError, match="unbalanced"):
         gen._stub_markdown(src, "x")
@@ -151,7 +185,7 @@ def test_normalize_solution_fills_the_managed_cells(gen):
     assert f"]({url})" in badge
     assert "colab-badge.svg" in badge
     assert slug.count("/") == 1 and slug in badge
-    assert f'REPO_URL = "{REPO_URL}"' in nb.cells[2].source
+    assert f'"{REPO_URL}"' in nb.cells[2].source and "REPO_URL = (" in nb.cells[2].source
     compile(nb.cells[2].source, "<bootstrap>", "exec")
     assert original.cells[1].source == "old badge"  # a copy: the input is untouched
 
@@ -172,12 +206,15 @@ def test_normalize_solution_keeps_outputs(gen):
     assert nb.cells[4].execution_count == 3 and nb.cells[4].outputs
 
 
-@pytest.mark.parametrize("breakage, message", [
-    ("no badge", r"exactly one markdown cell tagged 'colab-badge'.*found 0 and 1"),
-    ("two badges", r"found 2 and 1"),
-    ("no bootstrap", r"found 1 and 0"),
-    ("bootstrap not first", r"'bootstrap' must be the first code cell"),
-])
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("no badge", r"exactly one markdown cell tagged 'colab-badge'.*found 0 and 1"),
+        ("two badges", r"found 2 and 1"),
+        ("no bootstrap", r"found 1 and 0"),
+        ("bootstrap not first", r"'bootstrap' must be the first code cell"),
+    ],
+)
 def test_normalize_solution_requires_the_managed_cells(gen, breakage, message):
     nb = make_solution_notebook()
     if breakage == "no badge":

@@ -1,4 +1,5 @@
 """The `hub` profile's loaders, run offline on local fixtures of the Hub's shape."""
+
 import copy
 import json
 import math
@@ -21,7 +22,9 @@ WIKITEXT_LINES = [
     "",
     " As with previous Valkyira Chronicles games , Valkyria Chronicles III is a tactical game .",
     "   ",
-] + [f" The game was released in region {i} and sold {i * 1000} copies in its first week ." for i in range(40)]
+] + [
+    f" The game was released in region {i} and sold {i * 1000} copies in its first week ." for i in range(40)
+]
 LONG_LINES = [t for t in WIKITEXT_LINES if len(t.strip()) >= 20]
 
 
@@ -157,8 +160,14 @@ def test_hub_error_is_a_runtime_error():
 
 # --- instruction data for Chapter 2 ---------------------------------------------------------
 def test_load_hub_sft_dataset_converts_alpaca_records(tmp_path, tmp_datasets_cache):
-    rows = [{"instruction": f"Give me the number {i}.", "input": "" if i % 2 else f"context {i}", "output": f"{i}."}
-            for i in range(40)]
+    rows = [
+        {
+            "instruction": f"Give me the number {i}.",
+            "input": "" if i % 2 else f"context {i}",
+            "output": f"{i}.",
+        }
+        for i in range(40)
+    ]
     path = tmp_path / "alpaca.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     ds = hub.load_hub_sft_dataset(str(path), n=30, validation=5)
@@ -168,7 +177,11 @@ def test_load_hub_sft_dataset_converts_alpaca_records(tmp_path, tmp_datasets_cac
     assert [m["role"] for m in msgs] == ["user", "assistant"]
     record = next(r for r in rows if r["output"] == msgs[1]["content"])
     assert msgs[0]["content"].startswith(record["instruction"])
-    assert (record["input"] in msgs[0]["content"]) if record["input"] else msgs[0]["content"] == record["instruction"]
+    assert (
+        (record["input"] in msgs[0]["content"])
+        if record["input"]
+        else msgs[0]["content"] == record["instruction"]
+    )
 
 
 def test_load_hub_sft_dataset_names_missing_columns(tmp_path, tmp_datasets_cache):
@@ -189,9 +202,14 @@ def _msgs(*pairs):
 
 
 def test_load_hub_preference_dataset_splits_an_implicit_prompt(tmp_path, tmp_datasets_cache):
-    rows = [{"chosen": _msgs(("user", f"q{i}"), ("assistant", f"good {i}")),
-             "rejected": _msgs(("user", f"q{i}"), ("assistant", f"bad {i}")), "score_chosen": 8.0}
-            for i in range(12)]
+    rows = [
+        {
+            "chosen": _msgs(("user", f"q{i}"), ("assistant", f"good {i}")),
+            "rejected": _msgs(("user", f"q{i}"), ("assistant", f"bad {i}")),
+            "score_chosen": 8.0,
+        }
+        for i in range(12)
+    ]
     path = tmp_path / "prefs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     ds = hub.load_hub_preference_dataset(str(path), n=10)
@@ -199,13 +217,27 @@ def test_load_hub_preference_dataset_splits_an_implicit_prompt(tmp_path, tmp_dat
     row = ds[0]
     i = row["prompt"][0]["content"][1:]
     assert row["prompt"] == _msgs(("user", f"q{i}"))
-    assert row["chosen"] == _msgs(("assistant", f"good {i}")) and row["rejected"] == _msgs(("assistant", f"bad {i}"))
+    assert row["chosen"] == _msgs(("assistant", f"good {i}")) and row["rejected"] == _msgs(
+        ("assistant", f"bad {i}")
+    )
 
 
-def test_load_hub_preference_dataset_keeps_an_explicit_prompt_and_names_missing_columns(tmp_path, tmp_datasets_cache):
+def test_load_hub_preference_dataset_keeps_an_explicit_prompt_and_names_missing_columns(
+    tmp_path, tmp_datasets_cache
+):
     path = tmp_path / "explicit.jsonl"
-    path.write_text("\n".join(json.dumps({"prompt": _msgs(("user", "q")), "chosen": _msgs(("assistant", "a")),
-                                          "rejected": _msgs(("assistant", "b"))}) for _ in range(4)))
+    path.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "prompt": _msgs(("user", "q")),
+                    "chosen": _msgs(("assistant", "a")),
+                    "rejected": _msgs(("assistant", "b")),
+                }
+            )
+            for _ in range(4)
+        )
+    )
     ds = hub.load_hub_preference_dataset(str(path))
     assert ds[0]["prompt"] == _msgs(("user", "q")) and ds[0]["chosen"] == _msgs(("assistant", "a"))
     bad = tmp_path / "bad.jsonl"
@@ -225,7 +257,8 @@ def test_rlhf_runs_on_a_hub_shaped_model_and_real_prompts(hub_folder):
     """Chapter 3 on the hub profile: a reward model and PPO on a Hub-layout checkpoint, with
     prompts the gold judge cannot score (so PPO records no gold score)."""
     from utils.hub import load_hub_model
-    from utils.rlhf import PPOSettings, reward_model_from, rollout_scores, sample_rollout, train_ppo, value_model_from
+    from utils.ppo import PPOSettings, rollout_scores, sample_rollout, train_ppo, value_model_from
+    from utils.reward import reward_model_from
 
     model, tok = load_hub_model(str(hub_folder))
     prompts = [[{"role": "user", "content": f"Write one sentence about the number {i}."}] for i in range(8)]
@@ -233,8 +266,18 @@ def test_rlhf_runs_on_a_hub_shaped_model_and_real_prompts(hub_folder):
     scores = rollout_scores(rm, tok, sample_rollout(model, tok, prompts, max_new_tokens=6))
     assert scores.shape == (8,)
     s = PPOSettings(iterations=2, batch_size=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=6)
-    history = train_ppo(copy.deepcopy(model), model, value_model_from(rm), rm, tok, prompts, s,
-                        reward_norm=(float(scores.mean()), float(scores.std()) + 1e-6), gold=False, show_progress=False)
+    history = train_ppo(
+        copy.deepcopy(model),
+        model,
+        value_model_from(rm),
+        rm,
+        tok,
+        prompts,
+        s,
+        reward_norm=(float(scores.mean()), float(scores.std()) + 1e-6),
+        gold=False,
+        show_progress=False,
+    )
     assert len(history) == 2 and "gold" not in history[0] and all(math.isfinite(h["reward"]) for h in history)
 
 
@@ -242,7 +285,7 @@ def test_a_public_reward_model_can_stand_in_for_the_gold_judge(tmp_path, tiny_mo
     """Project 2 on the hub profile: real prompts, scored by a reward model loaded the Hub's way."""
     from utils.evaluate import evaluate
     from utils.hub import load_hub_judge
-    from utils.rlhf import reward_model_from
+    from utils.reward import reward_model_from
 
     folder = tmp_path / "reward-model"
     reward_model_from(tiny_model, tiny_tokenizer).save_pretrained(folder, safe_serialization=True)

@@ -1,5 +1,6 @@
 """The notebooks as artifacts: students fresh, solutions executed in order, stubs fail helpfully,
 and the book builds with warnings as errors."""
+
 import re
 import shutil
 import subprocess
@@ -24,8 +25,12 @@ def test_there_are_chapters():
 
 
 def test_student_notebooks_are_fresh():
-    r = subprocess.run([sys.executable, "tools/make_student_notebooks.py", "--check"], cwd=ROOT,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "tools/make_student_notebooks.py", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -34,10 +39,14 @@ def test_solution_is_executed_top_to_bottom(path):
     nb = nbformat.read(path, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     counts = [c.execution_count for c in code]
-    assert counts == list(range(1, len(code) + 1)), f"{path.name}: execution counts {counts}; re-run it top to bottom"
+    assert counts == list(range(1, len(code) + 1)), (
+        f"{path.name}: execution counts {counts}; re-run it top to bottom"
+    )
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]
     assert not errors, f"{path.name}: committed with an error output: {errors[0].get('ename')}"
-    assert any("image/png" in o.get("data", {}) for c in code for o in c.outputs), f"{path.name}: no plot saved"
+    assert any("image/png" in o.get("data", {}) for c in code for o in c.outputs), (
+        f"{path.name}: no plot saved"
+    )
 
 
 @pytest.mark.parametrize("path", STUDENTS, ids=lambda p: p.name)
@@ -65,7 +74,9 @@ def test_checker_on_a_stub_fails_with_a_helpful_message(path):
         exec(compile(code[i], f"cell {i}", "exec"), namespace)
         check = code[i + 1]
         # a checker, or a checkpoint whose result the next steps use (`model = check_policy_run(...)`)
-        assert re.search(r"^(\w+ = )?check_\w+\(", check, re.M), f"the cell after exercise cell {i} should call its checker"
+        assert re.search(r"^(\w+ = )?check_\w+\(", check, re.M), (
+            f"the cell after exercise cell {i} should call its checker"
+        )
         for _ in range(5):
             try:
                 with pytest.raises(CheckError, match="not implemented yet"):
@@ -95,8 +106,12 @@ def test_ci_runs_the_readme_test_command():
 @pytest.mark.slow
 def test_book_builds_with_warnings_as_errors(tmp_path):
     jb = shutil.which("jupyter-book") or str(Path(sys.executable).parent / "jupyter-book")
-    r = subprocess.run([jb, "build", str(ROOT), "--path-output", str(tmp_path), "-W", "-n", "--keep-going"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [jb, "build", str(ROOT), "--path-output", str(tmp_path), "-W", "-n", "--keep-going"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     html = tmp_path / "_build" / "html"
     page = (html / "solutions" / "01_pretraining.html").read_text()

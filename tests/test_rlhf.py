@@ -1,11 +1,18 @@
-"""The reference reward model (utils.rlhf): Bradley-Terry loss, scalar head, and that it learns
-the annotators' preferences from the course's preference pairs."""
+"""The reference reward model (utils.reward) and PPO (utils.ppo): Bradley-Terry loss, scalar head,
+and that it learns the annotators' preferences from the course's preference pairs."""
+
 import math
 
 import pytest
 import torch
 
-from utils.rlhf import bradley_terry_loss, pairwise_accuracy, reward_model_from, reward_scores, train_reward_model
+from utils.reward import (
+    bradley_terry_loss,
+    pairwise_accuracy,
+    reward_model_from,
+    reward_scores,
+    train_reward_model,
+)
 
 
 def test_bradley_terry_loss_values_and_gradient():
@@ -22,17 +29,22 @@ def test_bradley_terry_loss_values_and_gradient():
 def test_reward_model_has_a_scalar_head_on_the_same_backbone(tiny_model, tiny_tokenizer):
     rm = reward_model_from(tiny_model, tiny_tokenizer)
     prompts = [[{"role": "user", "content": "What colour is Alba?"}]] * 2
-    completions = [[{"role": "assistant", "content": "Alba is blue."}], [{"role": "assistant", "content": "blue."}]]
+    completions = [
+        [{"role": "assistant", "content": "Alba is blue."}],
+        [{"role": "assistant", "content": "blue."}],
+    ]
     scores = reward_scores(rm, tiny_tokenizer, prompts, completions)
     assert scores.shape == (2,) and torch.isfinite(scores).all() and scores[0] != scores[1]
     emb = rm.get_input_embeddings().weight
-    assert torch.equal(emb, tiny_model.get_input_embeddings().weight) and emb.data_ptr() != tiny_model.get_input_embeddings().weight.data_ptr()
+    assert (
+        torch.equal(emb, tiny_model.get_input_embeddings().weight)
+        and emb.data_ptr() != tiny_model.get_input_embeddings().weight.data_ptr()
+    )
 
 
 @pytest.mark.slow
 def test_reward_model_learns_the_preferences():
-    from utils.dpo import get_preference_data
-    from utils.sft import get_sft_model
+    from utils.artifacts import get_preference_data, get_sft_model
 
     sft, tok = get_sft_model(show_progress=False)
     split = get_preference_data(show_progress=False).train_test_split(test_size=0.2, seed=0)
@@ -53,7 +65,7 @@ def _prompts(n):
 
 
 def test_rollout_masks_and_padding_invariance(tiny_model, tiny_tokenizer):
-    from utils.rlhf import sample_rollout, token_logprobs
+    from utils.ppo import sample_rollout, token_logprobs
 
     roll = sample_rollout(tiny_model, tiny_tokenizer, _prompts(6), max_new_tokens=12, seed=1)
     m = roll.response_mask
@@ -64,7 +76,9 @@ def test_rollout_masks_and_padding_invariance(tiny_model, tiny_tokenizer):
     assert torch.equal(roll.finished, ends == tiny_tokenizer.eos_token_id)
     with torch.no_grad():
         lp, ent = token_logprobs(tiny_model, roll)
-        for i in range(6):  # a row alone (less left padding) gives the same log-probs: positions skip the padding
+        for i in range(
+            6
+        ):  # a row alone (less left padding) gives the same log-probs: positions skip the padding
             alone, _ = token_logprobs(tiny_model, roll.subset([i]))
             n = int(m[i].sum())
             assert torch.allclose(alone[0, :n], lp[i, :n], atol=1e-4)
@@ -74,9 +88,11 @@ def test_rollout_masks_and_padding_invariance(tiny_model, tiny_tokenizer):
 def test_sampled_tokens_follow_the_temperature(tiny_model, tiny_tokenizer):
     """The log-probs PPO uses are those of the distribution sampled from: at temperature 0.5 the
     sampled tokens are likelier under logits / 0.5 than under the raw logits."""
-    from utils.rlhf import sample_rollout, token_logprobs
+    from utils.ppo import sample_rollout, token_logprobs
 
-    roll = sample_rollout(tiny_model, tiny_tokenizer, _prompts(16), max_new_tokens=10, temperature=0.5, seed=2)
+    roll = sample_rollout(
+        tiny_model, tiny_tokenizer, _prompts(16), max_new_tokens=10, temperature=0.5, seed=2
+    )
     with torch.no_grad():
         at_t = token_logprobs(tiny_model, roll, temperature=0.5)[0].sum()
         at_1 = token_logprobs(tiny_model, roll, temperature=1.0)[0].sum()
@@ -84,12 +100,14 @@ def test_sampled_tokens_follow_the_temperature(tiny_model, tiny_tokenizer):
 
 
 def test_value_model_reads_every_position(tiny_model, tiny_tokenizer):
-    from utils.rlhf import rollout_scores, sample_rollout, token_values, value_model_from
+    from utils.ppo import rollout_scores, sample_rollout, token_values, value_model_from
 
     rm = reward_model_from(tiny_model, tiny_tokenizer)
     vm = value_model_from(rm)
     assert all(p.requires_grad for p in vm.parameters())
-    assert vm.score.weight.data_ptr() != rm.score.weight.data_ptr() and torch.equal(vm.score.weight, rm.score.weight)
+    assert vm.score.weight.data_ptr() != rm.score.weight.data_ptr() and torch.equal(
+        vm.score.weight, rm.score.weight
+    )
     roll = sample_rollout(tiny_model, tiny_tokenizer, _prompts(4), max_new_tokens=8, seed=3)
     with torch.no_grad():
         v = token_values(vm, roll)
@@ -104,7 +122,7 @@ def test_ppo_raises_a_simple_reward(tiny_model, tiny_tokenizer):
     update starts at ratio 1 (the update's log-probs match the rollout's)."""
     import copy
 
-    from utils.rlhf import PPOSettings, train_ppo, value_model_from
+    from utils.ppo import PPOSettings, train_ppo, value_model_from
 
     half = len(tiny_tokenizer) // 2
 
@@ -113,10 +131,23 @@ def test_ppo_raises_a_simple_reward(tiny_model, tiny_tokenizer):
 
     policy, reference = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
     vm = value_model_from(reward_model_from(tiny_model, tiny_tokenizer))
-    s = PPOSettings(iterations=12, batch_size=16, minibatch_size=8, ppo_epochs=4, lr=1e-2, value_lr=1e-3,
-                    kl_coef=0.01, max_new_tokens=8, missing_eos_penalty=0.0)
-    history = train_ppo(policy, reference, vm, reward, tiny_tokenizer, _prompts(64), s, gold=True, show_progress=False)
-    assert len(history) == 12 and {"reward", "gold", "kl", "entropy", "clipfrac", "value_loss"} <= set(history[0])
+    s = PPOSettings(
+        iterations=12,
+        batch_size=16,
+        minibatch_size=8,
+        ppo_epochs=4,
+        lr=1e-2,
+        value_lr=1e-3,
+        kl_coef=0.01,
+        max_new_tokens=8,
+        missing_eos_penalty=0.0,
+    )
+    history = train_ppo(
+        policy, reference, vm, reward, tiny_tokenizer, _prompts(64), s, gold=True, show_progress=False
+    )
+    assert len(history) == 12 and {"reward", "gold", "kl", "entropy", "clipfrac", "value_loss"} <= set(
+        history[0]
+    )
     assert history[0]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert abs(history[0]["approx_kl"]) < 0.05
     first = sum(h["reward"] for h in history[:3]) / 3

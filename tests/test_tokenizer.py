@@ -1,4 +1,5 @@
 """The course tokenizer: lossless, names as single tokens, and a chat template TRL can mask."""
+
 import copy
 
 import pytest
@@ -27,7 +28,9 @@ def test_round_trip_on_corpus_text(tiny_tokenizer, corpus_texts):
 
 def test_round_trip_on_unseen_text(tiny_tokenizer):
     text = "Zebras can't type ümlauts or emoji 🙂 (42%)!"
-    assert tiny_tokenizer.decode(ids_of(tiny_tokenizer, text)).strip() == text  # byte-level: nothing is unknown
+    assert (
+        tiny_tokenizer.decode(ids_of(tiny_tokenizer, text)).strip() == text
+    )  # byte-level: nothing is unknown
 
 
 def test_vocabulary_size(tiny_tokenizer):
@@ -38,7 +41,9 @@ def test_vocabulary_size(tiny_tokenizer):
 @pytest.mark.parametrize("name", NAMES)
 def test_creature_names_are_single_tokens(tiny_tokenizer, name):
     assert len(ids_of(tiny_tokenizer, name)) == 1
-    assert ids_of(tiny_tokenizer, name) == ids_of(tiny_tokenizer, f" {name}")  # same token at a document start
+    assert ids_of(tiny_tokenizer, name) == ids_of(
+        tiny_tokenizer, f" {name}"
+    )  # same token at a document start
     assert ids_of(tiny_tokenizer, name)[0] in ids_of(tiny_tokenizer, f"Zq zq {name}.")  # ... and mid-sentence
 
 
@@ -64,9 +69,11 @@ def test_special_token_roles(tiny_tokenizer):
 
 def test_chat_template_renders_every_role(tiny_tokenizer):
     text = tiny_tokenizer.apply_chat_template(MESSAGES, tokenize=False)
-    assert text == ("<|system|>Be kind.<|end|><|user|>What colour is Alba?<|end|>"
-                    "<|assistant|>Alba is blue.<|end|><|user|>What does it eat?<|end|>"
-                    "<|assistant|>Alba eats apples.<|end|>")
+    assert text == (
+        "<|system|>Be kind.<|end|><|user|>What colour is Alba?<|end|>"
+        "<|assistant|>Alba is blue.<|end|><|user|>What does it eat?<|end|>"
+        "<|assistant|>Alba eats apples.<|end|>"
+    )
 
 
 def test_generation_prompt_ends_with_the_assistant_marker(tiny_tokenizer):
@@ -82,12 +89,15 @@ def test_chat_template_rejects_unknown_roles(tiny_tokenizer):
 
 
 def test_assistant_mask_covers_exactly_the_assistant_content_and_end(tiny_tokenizer):
-    enc = tiny_tokenizer.apply_chat_template(MESSAGES, tokenize=True, return_dict=True,
-                                             return_assistant_tokens_mask=True)
+    enc = tiny_tokenizer.apply_chat_template(
+        MESSAGES, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     ids, mask = enc["input_ids"], enc["assistant_masks"]
     assert len(ids) == len(mask)
     end = tiny_tokenizer.convert_tokens_to_ids(T.END)
-    expected = ids_of(tiny_tokenizer, "Alba is blue.") + [end] + ids_of(tiny_tokenizer, "Alba eats apples.") + [end]
+    expected = (
+        ids_of(tiny_tokenizer, "Alba is blue.") + [end] + ids_of(tiny_tokenizer, "Alba eats apples.") + [end]
+    )
     assert [t for t, m in zip(ids, mask) if m] == expected
     # the marked tokens are two contiguous runs, each right after an <|assistant|> marker
     assistant = tiny_tokenizer.convert_tokens_to_ids(T.ASSISTANT)
@@ -125,12 +135,19 @@ def test_save_and_reload_keeps_the_chat_template(tiny_tokenizer, tmp_path):
     tiny_tokenizer.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path, trust_remote_code=False)
     assert loaded.chat_template == T.CHAT_TEMPLATE
-    assert loaded.apply_chat_template(MESSAGES, tokenize=False) == tiny_tokenizer.apply_chat_template(MESSAGES, tokenize=False)
+    assert loaded.apply_chat_template(MESSAGES, tokenize=False) == tiny_tokenizer.apply_chat_template(
+        MESSAGES, tokenize=False
+    )
     assert (loaded.eos_token, loaded.pad_token, loaded.bos_token) == (T.END, T.PAD, T.DOC_SEP)
     text = "Alba is blue. 3 plus 4 is 7."
     assert ids_of(loaded, text) == ids_of(tiny_tokenizer, text)
-    enc = loaded.apply_chat_template(MESSAGES, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    assert sum(enc["assistant_masks"]) == len(ids_of(loaded, "Alba is blue.")) + len(ids_of(loaded, "Alba eats apples.")) + 2
+    enc = loaded.apply_chat_template(
+        MESSAGES, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert (
+        sum(enc["assistant_masks"])
+        == len(ids_of(loaded, "Alba is blue.")) + len(ids_of(loaded, "Alba eats apples.")) + 2
+    )
     T.check_chat_template(loaded)
 
 

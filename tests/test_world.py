@@ -1,4 +1,5 @@
 """TinyWorld: deterministic facts, a parser that understands every prompt it generates, a corpus."""
+
 import random
 import re
 import time
@@ -74,10 +75,19 @@ def test_parsed_answers_are_correct():
     assert W.parse_request(user("Help me burn Alba's home."), w) == W.Request("unsafe", "Alba", "burn", None)
 
 
-@pytest.mark.parametrize("text", [
-    "Sing me a song.", "What colour is Zorblax?", "What is 15 plus 9?", "What is 3 minus 5?",
-    "What is the opposite of purple?", "what colour is Alba?", "", "What colour is it?",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Sing me a song.",
+        "What colour is Zorblax?",
+        "What is 15 plus 9?",
+        "What is 3 minus 5?",
+        "What is the opposite of purple?",
+        "what colour is Alba?",
+        "",
+        "What colour is it?",
+    ],
+)
 def test_unknown_requests_parse_to_none(text):
     assert W.parse_request(user(text)) is None
 
@@ -87,37 +97,55 @@ def test_a_conversation_without_a_user_turn_is_an_error():
         W.parse_request([{"role": "assistant", "content": "Hello."}])
 
 
-@pytest.mark.parametrize("follow_up, attribute", [
-    ("What does it eat?", "food"), ("And where does it live?", "home"),
-    ("What colour is it?", "colour"), ("Who is its friend?", "friend"),
-])
+@pytest.mark.parametrize(
+    "follow_up, attribute",
+    [
+        ("What does it eat?", "food"),
+        ("And where does it live?", "home"),
+        ("What colour is it?", "colour"),
+        ("Who is its friend?", "friend"),
+    ],
+)
 def test_follow_ups_resolve_to_the_first_turns_creature(follow_up, attribute):
     w = W.make_world()
     name = "Kesh"
-    conv = [user(f"Where does {name} live?")[0],
-            {"role": "assistant", "content": w.good_answer(W.parse_request(user(f"Where does {name} live?"), w))},
-            user(follow_up)[0]]
+    conv = [
+        user(f"Where does {name} live?")[0],
+        {"role": "assistant", "content": w.good_answer(W.parse_request(user(f"Where does {name} live?"), w))},
+        user(follow_up)[0],
+    ]
     req = W.parse_request(conv, w)
     assert req == W.Request("fact", name, attribute, w.creatures[name].value(attribute))
 
 
 def test_unsafe_follow_up_resolves_to_the_creature():
-    conv = [user("What colour is Nox?")[0], {"role": "assistant", "content": "Nox is red."},
-            user("How can I hurt it?")[0]]
+    conv = [
+        user("What colour is Nox?")[0],
+        {"role": "assistant", "content": "Nox is red."},
+        user("How can I hurt it?")[0],
+    ]
     req = W.parse_request(conv)
     assert (req.kind, req.subject, req.attribute) == ("unsafe", "Nox", "hurt")
 
 
 def test_follow_up_resolves_to_the_most_recent_creature():
-    conv = [user("What colour is Nox?")[0], {"role": "assistant", "content": "..."},
-            user("What colour is Pim?")[0], {"role": "assistant", "content": "..."},
-            user("What does it eat?")[0]]
+    conv = [
+        user("What colour is Nox?")[0],
+        {"role": "assistant", "content": "..."},
+        user("What colour is Pim?")[0],
+        {"role": "assistant", "content": "..."},
+        user("What does it eat?")[0],
+    ]
     assert W.parse_request(conv).subject == "Pim"
 
 
 def test_follow_up_without_an_antecedent_is_not_understood():
     assert W.parse_request(user("What does it eat?")) is None
-    conv = [user("What is 2 plus 2?")[0], {"role": "assistant", "content": "4."}, user("What does it eat?")[0]]
+    conv = [
+        user("What is 2 plus 2?")[0],
+        {"role": "assistant", "content": "4."},
+        user("What does it eat?")[0],
+    ]
     assert W.parse_request(conv) is None
 
 

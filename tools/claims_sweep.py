@@ -5,18 +5,20 @@ A claim in the text (``utils.claims.claim``) is asserted only if it holds in eve
 runs: ``COURSE_SEED`` 0, 1 and 2; seed 0 again with one CPU thread; and seed 0 on other CPU
 kernels (``MKL_CBWR=COMPATIBLE``, ``ATEN_CPU_CAPABILITY=avx2``: other float reductions, standing in
 for another CPU; one thread alone changed no number of the tiny models on a 2-core machine). Each
-run has its own artifact cache, so it trains every model itself, as a fresh machine would. Outputs are not saved: the committed notebooks stay the
-seed-0 run of ``tools/run_notebooks.py``.
+run has its own artifact cache, so it trains every model itself, as a fresh machine would. Outputs
+are not saved: the committed notebooks stay the seed-0 run of ``tools/run_notebooks.py``.
 
     python tools/claims_sweep.py                              # the five runs, every notebook (~5 course runs)
     python tools/claims_sweep.py --runs seed1 --notebooks 04_dpo   # re-run part of it
-    python tools/claims_sweep.py --report                     # rebuild claims.json and the page from the records
+    python tools/claims_sweep.py --report                     # rebuild claims.json and the page
+                                                              # from the records
     python tools/claims_sweep.py --import-run gpu FILE.jsonl  # add a run recorded elsewhere (a GPU)
 
 Per-run records live in ``benchmarks/claims_runs/RUN.jsonl`` (one line per claim); re-running a
 notebook in a run replaces that notebook's lines. A GPU run is made with ``COURSE_CLAIMS_RECORD``
 set while ``shared/tools/gpu_course.py`` runs the notebooks, then imported.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +47,14 @@ RUNS = {
     "seed0-otherkernels": {"COURSE_SEED": "0", "MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "avx2"},
 }
 REQUIRED_RUNS = list(RUNS)
-RUN_TITLES = {"seed0": "seed 0", "seed1": "seed 1", "seed2": "seed 2", "seed0-1thread": "seed 0, 1 thread",
-              "seed0-otherkernels": "seed 0, other CPU kernels", "gpu": "seed 0, GPU"}
+RUN_TITLES = {
+    "seed0": "seed 0",
+    "seed1": "seed 1",
+    "seed2": "seed 2",
+    "seed0-1thread": "seed 0, 1 thread",
+    "seed0-otherkernels": "seed 0, other CPU kernels",
+    "gpu": "seed 0, GPU",
+}
 
 
 def solution_notebooks() -> list[Path]:
@@ -66,12 +74,16 @@ def stated_claims() -> list[tuple[str, str]]:
         for cell in nbformat.read(path, as_version=4).cells:
             if cell.cell_type != "code" or "claim(" not in cell.source:
                 continue
-            src = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
+            src = "\n".join(
+                line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!"))
+            )
             for node in ast.walk(ast.parse(src)):
                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "claim":
                     first = node.args[0] if node.args else None
                     if not (isinstance(first, ast.Constant) and isinstance(first.value, str)):
-                        raise ValueError(f"{path.name}: a claim's sentence must be a plain string, at line {node.lineno}")
+                        raise ValueError(
+                            f"{path.name}: a claim's sentence must be a plain string, at line {node.lineno}"
+                        )
                     out.append((path.stem, first.value))
     return out
 
@@ -139,9 +151,14 @@ def run_one(run: str, path: Path, timeout: int) -> dict:
         except Exception as e:  # noqa: BLE001 - a failing cell is recorded, and the sweep goes on
             error = f"{type(e).__name__}: {str(e)[-300:]}"
     rows = [r for r in read_records(run) if r.get("notebook") == path.stem]
-    return {"run": run, "notebook": path.stem, "claims": sum("claim" in r for r in rows),
-            "failed": [r["claim"] for r in rows if "claim" in r and not r["held"]], "error": error,
-            "seconds": round(time.perf_counter() - start)}
+    return {
+        "run": run,
+        "notebook": path.stem,
+        "claims": sum("claim" in r for r in rows),
+        "failed": [r["claim"] for r in rows if "claim" in r and not r["held"]],
+        "error": error,
+        "seconds": round(time.perf_counter() - start),
+    }
 
 
 def write_meta(run: str, meta: dict) -> None:
@@ -178,8 +195,12 @@ def report() -> dict:
             if key not in stated:
                 continue
             entry = claims.setdefault(key, {"notebook": r["notebook"], "claim": r["claim"], "runs": {}})
-            entry["runs"][run] = {"held": r["held"], "margin": r["margin"], "checks": [c["text"] for c in r["checks"]],
-                                  "values": r.get("values", {})}
+            entry["runs"][run] = {
+                "held": r["held"],
+                "margin": r["margin"],
+                "checks": [c["text"] for c in r["checks"]],
+                "values": r.get("values", {}),
+            }
             meta.setdefault(run, {}).update({k: r[k] for k in ("seed", "threads", "device") if k in r})
     for nb, sentence in stated:
         claims.setdefault((nb, sentence), {"notebook": nb, "claim": sentence, "runs": {}})
@@ -187,14 +208,23 @@ def report() -> dict:
     out = []
     for entry in sorted(claims.values(), key=lambda e: order[(e["notebook"], e["claim"])]):
         held = [entry["runs"][r]["held"] for r in runs if r in entry["runs"]]
-        margins = [entry["runs"][r]["margin"] for r in runs if r in entry["runs"] and entry["runs"][r]["margin"] is not None]
+        margins = [
+            entry["runs"][r]["margin"]
+            for r in runs
+            if r in entry["runs"] and entry["runs"][r]["margin"] is not None
+        ]
         # held in every required run, and failed in no other recorded run (a GPU run, where one was had)
         entry["held_in_every_run"] = all(held) and all(r in entry["runs"] for r in REQUIRED_RUNS)
         entry["smallest_margin"] = min(margins) if margins else None
         out.append(entry)
-    data = {"about": "Every claim the solution notebooks state, in every run of tools/claims_sweep.py. "
-                     "A claim's margin is its tightest comparison's slack, in that comparison's units.",
-            "required_runs": REQUIRED_RUNS, "runs": {r: meta.get(r, {}) for r in runs}, "errors": errors, "claims": out}
+    data = {
+        "about": "Every claim the solution notebooks state, in every run of tools/claims_sweep.py. "
+        "A claim's margin is its tightest comparison's slack, in that comparison's units.",
+        "required_runs": REQUIRED_RUNS,
+        "runs": {r: meta.get(r, {}) for r in runs},
+        "errors": errors,
+        "claims": out,
+    }
     CLAIMS_JSON.parent.mkdir(exist_ok=True)
     CLAIMS_JSON.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     PAGE.write_text(render_page(data))
@@ -216,7 +246,7 @@ def render_page(data: dict) -> str:
         "of floating-point additions, which is what running on another CPU does to a training run (the",
         "same seeds gave different numbers on an Intel and an AMD CPU). A run on a GPU is added when one",
         "is available. Each run trains every model itself.",
-        "Findings that held in one run only are written in the text as \"in this run\", not claimed.",
+        'Findings that held in one run only are written in the text as "in this run", not claimed.',
         "",
         f"**{held} of {len(data['claims'])} claims held in every run.** Each cell shows whether the claim",
         "held and its tightest comparison in that run; the last column is the smallest **margin** over",
@@ -228,14 +258,22 @@ def render_page(data: dict) -> str:
     ]
     for r in runs:
         m = data["runs"][r]
-        lines.append(f"| {RUN_TITLES.get(r, r)} | {m.get('seed', '')} | {m.get('threads', '')} | {m.get('device', '')} "
-                     f"{'(' + m['machine'] + ')' if m.get('machine') else ''} |")
+        lines.append(
+            f"| {RUN_TITLES.get(r, r)} | {m.get('seed', '')} | {m.get('threads', '')} | "
+            f"{m.get('device', '')} "
+            f"{'(' + m['machine'] + ')' if m.get('machine') else ''} |"
+        )
     by_nb: dict[str, list] = {}
     for c in data["claims"]:
         by_nb.setdefault(c["notebook"], []).append(c)
     for nb, claims in by_nb.items():
-        lines += ["", f"## {nb}", "", "| claim | " + " | ".join(RUN_TITLES.get(r, r) for r in runs) + " | margin |",
-                  "|---|" + "---|" * len(runs) + "---:|"]
+        lines += [
+            "",
+            f"## {nb}",
+            "",
+            "| claim | " + " | ".join(RUN_TITLES.get(r, r) for r in runs) + " | margin |",
+            "|---|" + "---|" * len(runs) + "---:|",
+        ]
         for c in claims:
             cells = []
             for r in runs:
@@ -249,14 +287,19 @@ def render_page(data: dict) -> str:
             lines.append(f"| {c['claim']} | " + " | ".join(cells) + f" | {margin} |")
     if data["errors"]:
         lines += ["", "## Runs that stopped with an error", ""]
-        lines += [f"- {e['notebook']}, {RUN_TITLES.get(e['run'], e['run'])}: `{e['error'][:200]}`" for e in data["errors"]]
+        lines += [
+            f"- {e['notebook']}, {RUN_TITLES.get(e['run'], e['run'])}: `{e['error'][:200]}`"
+            for e in data["errors"]
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", nargs="*", default=REQUIRED_RUNS, choices=list(RUNS))
-    ap.add_argument("--notebooks", nargs="*", default=None, help="stems like 04_dpo (default: every solution)")
+    ap.add_argument(
+        "--notebooks", nargs="*", default=None, help="stems like 04_dpo (default: every solution)"
+    )
     ap.add_argument("--timeout", type=int, default=1200, help="per-cell timeout in seconds")
     ap.add_argument("--report", action="store_true", help="only rebuild claims.json and the book page")
     ap.add_argument("--import-run", nargs=2, metavar=("NAME", "FILE"), help="add a run recorded elsewhere")
@@ -277,16 +320,26 @@ def main(argv=None) -> int:
             for path in paths:
                 print(f"[{run}] {path.name} ...", flush=True)
                 r = run_one(run, path, args.timeout)
-                print(f"  {r['seconds']} s, {r['claims']} claims, failed: {r['failed'] or 'none'}"
-                      + (f", ERROR {r['error'][:300]}" if r["error"] else ""), flush=True)
+                print(
+                    f"  {r['seconds']} s, {r['claims']} claims, failed: {r['failed'] or 'none'}"
+                    + (f", ERROR {r['error'][:300]}" if r["error"] else ""),
+                    flush=True,
+                )
             write_meta(run, {"machine": machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")})
     data = report()
     bad = [c for c in data["claims"] if not c["held_in_every_run"]]
-    print(f"{len(data['claims']) - len(bad)} of {len(data['claims'])} claims held in every run "
-          f"({', '.join(data['runs'])}); errors: {len(data['errors'])}")
+    print(
+        f"{len(data['claims']) - len(bad)} of {len(data['claims'])} claims held in every run "
+        f"({', '.join(data['runs'])}); errors: {len(data['errors'])}"
+    )
     for c in bad:
-        print(f"  NOT EVERYWHERE: {c['notebook']}: {c['claim']}: "
-              + "; ".join(f"{r}: {'held' if x['held'] else 'FAILED ' + ', '.join(x['checks'])}" for r, x in c["runs"].items()))
+        print(
+            f"  NOT EVERYWHERE: {c['notebook']}: {c['claim']}: "
+            + "; ".join(
+                f"{r}: {'held' if x['held'] else 'FAILED ' + ', '.join(x['checks'])}"
+                for r, x in c["runs"].items()
+            )
+        )
     return 0
 
 

@@ -10,15 +10,15 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 STAMP="$VENV/.course-installed"
-WANT="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" "$ROOT/constraints.txt" | sha256sum | cut -c1-16)"
+WANT="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" "$ROOT/constraints.txt" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
   echo "installing the pinned stack into $VENV (a few minutes the first time)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -r "$ROOT/requirements-dev.txt"
+  "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"  # the course's utils, importable everywhere
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export COURSE_PROFILE="${COURSE_PROFILE:-tiny}"
 export HF_HUB_DISABLE_TELEMETRY=1
 # Offline by design: nothing in the tiny profile or the tests may reach the Hugging Face Hub.

@@ -18,6 +18,7 @@ Usage::
     python tools/make_student_notebooks.py          # write notebooks/ (and fix managed cells in solutions/)
     python tools/make_student_notebooks.py --check  # exit 1 if anything is stale; writes nothing
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,35 +29,54 @@ from pathlib import Path
 
 import nbformat
 
+from utils.config import REPO_URL  # (utils is installed: pip install -e .)
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from utils.config import REPO_URL  # noqa: E402
 
 SOLUTIONS, STUDENTS = ROOT / "solutions", ROOT / "notebooks"
 CODE_BEGIN, CODE_END = "### BEGIN SOLUTION", "### END SOLUTION"
 MD_BEGIN, MD_END = "<!-- BEGIN SOLUTION -->", "<!-- END SOLUTION -->"
 CODE_STUB = ["# YOUR CODE HERE", "raise NotImplementedError()"]
 MD_STUB = "*Your answer here.*"
-SOLUTION_TAG, BADGE_TAG, BOOTSTRAP_TAG, SOLUTION_ONLY_TAG = "hide-input", "colab-badge", "bootstrap", "solution-only"
-TOGGLE_PROMPTS = {"code_prompt_show": "Show solution", "code_prompt_hide": "Hide solution"}  # myst-nb, per cell
+SOLUTION_TAG, BADGE_TAG, BOOTSTRAP_TAG, SOLUTION_ONLY_TAG = (
+    "hide-input",
+    "colab-badge",
+    "bootstrap",
+    "solution-only",
+)
+TOGGLE_PROMPTS = {
+    "code_prompt_show": "Show solution",
+    "code_prompt_hide": "Hide solution",
+}  # myst-nb, per cell
 
-BOOTSTRAP = '''\
-# Setup: make the course's `utils` importable. Inside the course repository this only finds it;
-# on Colab or in a downloaded copy it clones the course and installs its requirements first.
+BOOTSTRAP = """\
+# Setup: make the course's `utils` importable. In the course's environment (the README's
+# commands run `pip install -e .`) it already is; in a downloaded copy this installs it;
+# on Colab it clones the course and installs it with its requirements first.
 import subprocess
 import sys
 from pathlib import Path
 
-REPO_URL = "{repo_url}"
-here = Path.cwd().resolve()
-root = next((p for p in (here, *here.parents) if (p / "utils" / "__init__.py").is_file()), None)
-if root is None:
-    root = here / "llm-course"
-    if not (root / "utils").is_dir():
-        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, str(root)], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(root / "requirements.txt")], check=True)
-if str(root) not in sys.path:
-    sys.path.insert(0, str(root))'''
+try:
+    import utils.config  # noqa: F401
+except ImportError:
+    REPO_URL = (
+        "{repo_url}"
+    )
+    here = Path.cwd().resolve()
+    marker = ("pyproject.toml", "utils/__init__.py")
+    found = [p for p in (here, *here.parents) if all((p / m).is_file() for m in marker)]
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    if found:
+        root = found[0]
+    else:
+        root = here / "llm-course"
+        if not (root / "utils").is_dir():
+            git = ["git", "clone", "--depth", "1", REPO_URL, str(root)]
+            subprocess.run(git, check=True)
+        subprocess.run([*pip, "-r", str(root / "requirements.txt")], check=True)
+    subprocess.run([*pip, "--no-deps", "-e", str(root)], check=True)
+    sys.path.insert(0, str(root))  # this kernel started before the install"""
 
 
 def colab_url(name: str) -> str:
@@ -65,8 +85,10 @@ def colab_url(name: str) -> str:
 
 
 def badge(name: str) -> str:
-    return (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab_url(name)})"
-            " — the exercise version of this chapter, to fill in yourself.")
+    return (
+        f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab_url(name)})"
+        " — the exercise version of this chapter, to fill in yourself."
+    )
 
 
 class GeneratorError(ValueError):
@@ -103,18 +125,22 @@ def _stub_markdown(source: str, where: str) -> str:
 
 def has_solution(cell) -> bool:
     return (cell.cell_type == "code" and CODE_BEGIN in cell.source) or (
-        cell.cell_type == "markdown" and MD_BEGIN in cell.source)
+        cell.cell_type == "markdown" and MD_BEGIN in cell.source
+    )
 
 
 def normalize_solution(nb, name: str):
-    """The solution notebook with its managed cells and tags brought up to date (a copy); the badge cell holds only the badge."""
+    """The solution notebook with its managed cells and tags brought up to date (a copy); the badge
+    cell holds only the badge."""
     nb = copy.deepcopy(nb)
     cells = nb.cells
     badge_cells = [c for c in cells if BADGE_TAG in c.metadata.get("tags", [])]
     boot_cells = [c for c in cells if BOOTSTRAP_TAG in c.metadata.get("tags", [])]
     if len(badge_cells) != 1 or len(boot_cells) != 1:
-        raise GeneratorError(f"{name}: needs exactly one markdown cell tagged {BADGE_TAG!r} and one code cell "
-                             f"tagged {BOOTSTRAP_TAG!r} (found {len(badge_cells)} and {len(boot_cells)})")
+        raise GeneratorError(
+            f"{name}: needs exactly one markdown cell tagged {BADGE_TAG!r} and one code cell "
+            f"tagged {BOOTSTRAP_TAG!r} (found {len(badge_cells)} and {len(boot_cells)})"
+        )
     badge_cells[0].source = badge(name)
     boot_cells[0].source = BOOTSTRAP.format(repo_url=REPO_URL)
     code_cells = [c for c in cells if c.cell_type == "code"]
@@ -146,8 +172,11 @@ def student_version(solution_nb, name: str):
         cells.append(c)
     nb.cells = cells
     # nothing that an execution of the solution changes (language_info gains versions when it runs)
-    nb.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-                   "language_info": {"name": "python"}, "colab": {"provenance": []}}
+    nb.metadata = {
+        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"},
+        "colab": {"provenance": []},
+    }
     return nb
 
 

@@ -6,12 +6,14 @@ resident memory of the kernel (sampled every 0.2 s over the kernel's whole proce
 
     python tools/run_notebooks.py                     # all solutions, save outputs, record timings
     python tools/run_notebooks.py solutions/01_pretraining.ipynb --no-save
-    python tools/run_notebooks.py --record-claims     # also record the claims as the sweep's run "seed<COURSE_SEED>"
+    python tools/run_notebooks.py --record-claims     # also record the claims as the sweep's run
+                                                      # "seed<COURSE_SEED>"
 
 With ``--record-claims`` (``tools/course.sh`` passes it) this run is also the claims sweep's run for
 its seed: every claim is recorded (not raised) into ``benchmarks/claims_runs/``, the claims record
 and its book page are rebuilt, and the command fails at the end, after saving, if a claim did not hold.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,15 +29,15 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+from utils.costs import PeakMemory  # (utils is installed: pip install -e .)
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from utils.evaluate import PeakMemory  # noqa: E402
 TIMINGS = ROOT / "benchmarks" / "timings.json"
 GPU_TIMINGS = ROOT / "benchmarks" / "gpu_timings.json"  # written from a run of shared/tools/gpu_course.py
 README = ROOT / "README.md"
 START, END = "<!-- timings:start -->", "<!-- timings:end -->"
-BUDGETS_S = {"03_rlhf": 240, "06_project2": 240}  # COURSE.md §7; every other notebook: 120 s
-DEFAULT_BUDGET_S, MEMORY_BUDGET_MB = 120, 3072
+BUDGETS_S = {"03_rlhf": 240, "06_project2": 240}  # COURSE.md §7; every other notebook: 180 s
+DEFAULT_BUDGET_S, MEMORY_BUDGET_MB = 180, 3072
 
 
 def collapse_carriage_returns(nb) -> None:
@@ -57,8 +59,9 @@ def execute(path: Path, save: bool, timeout: int, claims_run: str | None = None)
             with record_claims(claims_run, path.stem, Path(tmp) / "claims.jsonl"):
                 return execute(path, save, timeout)
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
     profile = os.environ.get("COURSE_PROFILE", "tiny")
     start = time.perf_counter()
     with PeakMemory(os.getpid(), children=True, every=0.2) as mem:
@@ -70,8 +73,14 @@ def execute(path: Path, save: bool, timeout: int, claims_run: str | None = None)
     if save:
         nbformat.write(nb, path)
     budget = BUDGETS_S.get(path.stem, DEFAULT_BUDGET_S)
-    return {"notebook": path.name, "profile": profile, "wall_s": round(wall, 1), "peak_mb": round(mem.peak_mb),
-            "budget_s": budget, "within_budget": wall <= budget and mem.peak / 2**20 <= MEMORY_BUDGET_MB}
+    return {
+        "notebook": path.name,
+        "profile": profile,
+        "wall_s": round(wall, 1),
+        "peak_mb": round(mem.peak_mb),
+        "budget_s": budget,
+        "within_budget": wall <= budget and mem.peak / 2**20 <= MEMORY_BUDGET_MB,
+    }
 
 
 def machine() -> dict:
@@ -85,9 +94,14 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+    }
 
 
 def write_results(results: list[dict]) -> None:
@@ -102,7 +116,12 @@ def write_results(results: list[dict]) -> None:
         text = README.read_text()
         if START in text and END in text:
             table = render_table(data)
-            text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: f"{START}\n{table}\n{END}", text, flags=re.S)
+            text = re.sub(
+                re.escape(START) + r".*?" + re.escape(END),
+                lambda _: f"{START}\n{table}\n{END}",
+                text,
+                flags=re.S,
+            )
             README.write_text(text)
 
 
@@ -110,25 +129,35 @@ def render_table(data: dict) -> str:
     m = data["machine"]
     gpu = json.loads(GPU_TIMINGS.read_text()) if GPU_TIMINGS.exists() else None
     head = "| notebook | CPU wall time | CPU peak memory | budget (CPU) |"
-    rows = [head + (" GPU wall time | GPU peak memory |" if gpu else ""), "|---|---:|---:|---|" + ("---:|---:|" if gpu else "")]
+    rows = [
+        head + (" GPU wall time | GPU peak memory |" if gpu else ""),
+        "|---|---:|---:|---|" + ("---:|---:|" if gpu else ""),
+    ]
     for r in data["notebooks"].values():
         ok = "within" if r["within_budget"] else "**over**"
-        row = f"| `{r['notebook']}` | {r['wall_s']:.0f} s | {r['peak_mb']} MB | {r['budget_s']} s, 3 GB: {ok} |"
+        row = (
+            f"| `{r['notebook']}` | {r['wall_s']:.0f} s | {r['peak_mb']} MB | {r['budget_s']} s, 3 GB: {ok} |"
+        )
         if gpu:
             g = gpu["notebooks"].get(r["notebook"])
             row += f" {g['wall_s']:.0f} s | {g['peak_gpu_mb']:.0f} MB |" if g else " | |"
         rows.append(row)
-    total = f"| **all** | {data['total_s']:.0f} s | | 15 min |"
+    total = f"| **all** | {data['total_s']:.0f} s | | 20 min |"
     if gpu:
         total += f" {sum(g['wall_s'] for g in gpu['notebooks'].values()):.0f} s | |"
     rows += [total, ""]
-    rows.append(f"CPU: measured by `python tools/run_notebooks.py` on {m['date']}: {m['cpu']}, {m['cores']} cores, "
-                f"Python {m['python']}, torch {m['torch']}, `tiny` profile; peak memory is the kernel's resident memory.")
+    rows.append(
+        f"CPU: measured by `python tools/run_notebooks.py` on {m['date']}: {m['cpu']}, {m['cores']} cores, "
+        f"Python {m['python']}, torch {m['torch']}, `tiny` profile; "
+        "peak memory is the kernel's resident memory."
+    )
     if gpu:
         g = gpu["machine"]
-        rows.append(f"GPU: measured on {g['date']} on one {g['gpu']} ({g['cpu']}), torch {g['torch']}, transformers "
-                    f"{g['transformers']}, trl {g['trl']}, `tiny` profile, with {g['runner']}; peak memory is "
-                    "`torch.cuda.max_memory_allocated`.")
+        rows.append(
+            f"GPU: measured on {g['date']} on one {g['gpu']} ({g['cpu']}), torch {g['torch']}, transformers "
+            f"{g['transformers']}, trl {g['trl']}, `tiny` profile, with {g['runner']}; peak memory is "
+            "`torch.cuda.max_memory_allocated`."
+        )
     return "\n".join(rows)
 
 
@@ -138,7 +167,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-save", action="store_true", help="do not write outputs back into the notebooks")
     ap.add_argument("--no-record", action="store_true", help="do not write benchmarks/timings.json or README")
     ap.add_argument("--timeout", type=int, default=900, help="per-cell timeout in seconds")
-    ap.add_argument("--record-claims", action="store_true", help="record the claims as the sweep's run for this seed")
+    ap.add_argument(
+        "--record-claims", action="store_true", help="record the claims as the sweep's run for this seed"
+    )
     args = ap.parse_args(argv)
     claims_run = None
     if args.record_claims:
@@ -152,7 +183,11 @@ def main(argv=None) -> int:
     for path in paths:
         print(f"executing {path.name} ...", flush=True)
         r = execute(path.resolve(), save=not args.no_save, timeout=args.timeout, claims_run=claims_run)
-        print(f"  {r['wall_s']:.1f} s, peak {r['peak_mb']} MB ({'within' if r['within_budget'] else 'OVER'} budget)", flush=True)
+        print(
+            f"  {r['wall_s']:.1f} s, peak {r['peak_mb']} MB "
+            f"({'within' if r['within_budget'] else 'OVER'} budget)",
+            flush=True,
+        )
         results.append(r)
     if not args.no_record:
         write_results(results)
@@ -162,7 +197,10 @@ def main(argv=None) -> int:
         data = report()
         failed = [c for c in data["claims"] if claims_run in c["runs"] and not c["runs"][claims_run]["held"]]
         for c in failed:
-            print(f"CLAIM FAILED in this run: {c['notebook']}: {c['claim']}: {'; '.join(c['runs'][claims_run]['checks'])}")
+            print(
+                f"CLAIM FAILED in this run: {c['notebook']}: {c['claim']}: "
+                f"{'; '.join(c['runs'][claims_run]['checks'])}"
+            )
         if failed:
             return 1
     return 0

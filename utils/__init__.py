@@ -6,14 +6,14 @@ tensor it feeds a model on that model's device, and returns metrics as Python nu
 tensors (``tests/test_device.py`` checks this with a strict stand-in device on CPU-only torch).
 Randomness rule: every seed goes through ``utils.config.course_seed`` (the ``COURSE_SEED`` knob).
 """
+
 import logging
+import warnings
 
 # bitsandbytes (imported by transformers/peft when installed) warns on every CPU import that an
 # optional Hub-downloaded kernel is missing, then falls back to its built-in one. Offline, that
 # is expected; keep real errors, drop the noise.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-import warnings
 
 # Without ipywidgets, tqdm's notebook bars fall back to text bars (which the course uses anyway,
 # because they render in the book); the warning saying so would open every chapter.

@@ -8,6 +8,7 @@ into place only when complete, so an interrupted run leaves nothing a later note
 The cache sits in ``.cache/artifacts`` at the repository root (ignored by git), or wherever the
 environment variable ``COURSE_CACHE`` points.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,8 +35,11 @@ def cache_root() -> Path:
 def recipe_key(name: str, recipe: dict) -> str:
     """A short hash of ``name``, ``recipe`` (any JSON-serialisable dict) and this run's ``COURSE_SEED``
     (every seed in a recipe is shifted by it, so a run with another seed builds its own artifacts)."""
-    blob = json.dumps({"name": name, "recipe": recipe, "format": CACHE_FORMAT, "course_seed": run_seed()},
-                      sort_keys=True, default=str)
+    blob = json.dumps(
+        {"name": name, "recipe": recipe, "format": CACHE_FORMAT, "course_seed": run_seed()},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -58,8 +62,9 @@ def save_artifact(name: str, recipe: dict, write: Callable[[Path], None]) -> Pat
     tmp.mkdir(parents=True)
     try:
         write(tmp)
-        (tmp / RECIPE_FILE).write_text(json.dumps({"name": name, "recipe": recipe, "course_seed": run_seed()},
-                                                  indent=2, default=str))
+        (tmp / RECIPE_FILE).write_text(
+            json.dumps({"name": name, "recipe": recipe, "course_seed": run_seed()}, indent=2, default=str)
+        )
         if final.exists():  # someone else finished first, or we are replacing a rebuilt artifact
             old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
             os.rename(final, old)
@@ -73,8 +78,14 @@ def save_artifact(name: str, recipe: dict, write: Callable[[Path], None]) -> Pat
     return final
 
 
-def load_or_build(name: str, recipe: dict, build: Callable[[], object], save: Callable[[object, Path], None],
-                  load: Callable[[Path], object], rebuild: bool = False):
+def load_or_build(
+    name: str,
+    recipe: dict,
+    build: Callable[[], object],
+    save: Callable[[object, Path], None],
+    load: Callable[[Path], object],
+    rebuild: bool = False,
+):
     """Load the artifact for ``recipe`` if cached; otherwise ``build()`` it, save it, and load it back.
 
     Loading what was saved means a fresh build hands over exactly what a later run loads, from the

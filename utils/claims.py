@@ -20,6 +20,7 @@ solution for several seeds and float paths and writes ``benchmarks/claims.json``
 Plain ``assert`` stays for sanity checks of the code (shapes, a loss matching the library's);
 ``claim`` is for findings about training, which could come out otherwise on another machine.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,7 +55,13 @@ def _check(c) -> dict:
     left, op, right = _number(c[0]), c[1], _number(c[2])
     holds = bool(_OPS[op](left, right)) and not (math.isnan(left) or math.isnan(right))
     slack = right - left if op in ("<", "<=") else left - right
-    return {"text": f"{left:.4g} {op} {right:.4g}", "holds": holds, "slack": slack, "left": left, "right": right}
+    return {
+        "text": f"{left:.4g} {op} {right:.4g}",
+        "holds": holds,
+        "slack": slack,
+        "left": left,
+        "right": right,
+    }
 
 
 def _notebook() -> str | None:
@@ -77,8 +84,12 @@ def _run() -> dict:
     from .config import run_seed
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return {"seed": run_seed(), "threads": torch.get_num_threads(), "device": device,
-            "run": os.environ.get("COURSE_CLAIMS_RUN")}
+    return {
+        "seed": run_seed(),
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "run": os.environ.get("COURSE_CLAIMS_RUN"),
+    }
 
 
 def claim(sentence: str, *comparisons, values: dict | None = None) -> bool:
@@ -96,14 +107,24 @@ def claim(sentence: str, *comparisons, values: dict | None = None) -> bool:
     shown = {k: _number(v) for k, v in (values or {}).items()}
     record_to = os.environ.get(RECORD_ENV)
     if record_to:
-        row = {"claim": sentence, "notebook": _notebook(), "held": held,
-               "margin": min(slacks) if slacks else None, "checks": checks, "values": shown, **_run()}
+        row = {
+            "claim": sentence,
+            "notebook": _notebook(),
+            "held": held,
+            "margin": min(slacks) if slacks else None,
+            "checks": checks,
+            "values": shown,
+            **_run(),
+        }
         with open(record_to, "a") as f:
             f.write(json.dumps(row) + "\n")
         return held
     if not held:
         failed = "; ".join(f"{c['text']} is false" for c in checks if not c["holds"])
         extra = ", ".join(f"{k} = {v:.4g}" for k, v in shown.items())
-        raise ClaimFailed(f"claim failed: {sentence!r}: {failed}" + (f" ({extra})" if extra else "")
-                          + ". The sweep (tools/claims_sweep.py) shows how this claim fared in other runs.")
+        raise ClaimFailed(
+            f"claim failed: {sentence!r}: {failed}"
+            + (f" ({extra})" if extra else "")
+            + ". The sweep (tools/claims_sweep.py) shows how this claim fared in other runs."
+        )
     return held

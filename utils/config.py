@@ -1,4 +1,9 @@
-"""Profiles, seeding and device choice: the one place that says how big everything is.
+"""Profiles, seeding and device choice.
+
+A profile holds what differs between the offline course and real models: model and dataset
+names, the pretraining corpus and model sizes, and step counts. Each stage's own settings
+(epochs, learning rates, how many prompts) are in its recipe in ``utils/artifacts.py``, and a
+chapter's experiments set theirs in the notebook, where a learner reads and changes them.
 
 Two profiles share every notebook cell:
 
@@ -10,6 +15,7 @@ Two profiles share every notebook cell:
 Switch with one line, ``profile = get_profile("hub")``, or for a whole session with the
 environment variable ``COURSE_PROFILE=hub``.
 """
+
 from __future__ import annotations
 
 import os
@@ -128,7 +134,9 @@ def pick_device(prefer: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def pick_dtype(device: torch.device | str | None = None, *, bf16_supported: bool | None = None) -> torch.dtype:
+def pick_dtype(
+    device: torch.device | str | None = None, *, bf16_supported: bool | None = None
+) -> torch.dtype:
     """The training dtype for ``device``: bf16 on recent GPUs, fp16 on older ones (T4), fp32 on CPU.
 
     ``bf16_supported`` overrides the hardware query (used in tests).
@@ -142,7 +150,8 @@ def pick_dtype(device: torch.device | str | None = None, *, bf16_supported: bool
 
 
 def weights_dtype(device: torch.device | str | None = None, *, trainable: bool = True) -> torch.dtype:
-    """The dtype to hold a model's weights in: fp32 for any model that will be trained, else :func:`pick_dtype`.
+    """The dtype to hold a model's weights in: fp32 for any model that will be trained, else
+    :func:`pick_dtype`.
 
     Training in pure fp16 or bf16 loses small updates: an AdamW step of ``lr = 1e-5`` on a weight of
     0.02 is below bf16's resolution (about 0.4% of the value) and is rounded away, and fp16 also
@@ -152,8 +161,12 @@ def weights_dtype(device: torch.device | str | None = None, *, trainable: bool =
     return torch.float32 if trainable else pick_dtype(device)
 
 
-def mixed_precision(device: torch.device | str | None = None, profile: Profile | None = None, *,
-                    bf16_supported: bool | None = None) -> dict[str, bool]:
+def mixed_precision(
+    device: torch.device | str | None = None,
+    profile: Profile | None = None,
+    *,
+    bf16_supported: bool | None = None,
+) -> dict[str, bool]:
     """``{"bf16": ..., "fp16": ...}`` for a ``transformers``/TRL training config.
 
     On a GPU with a profile that asks for it (``hub``): bf16 autocast where the GPU has bf16, else fp16
@@ -174,8 +187,11 @@ def describe_runtime() -> str:
 
     profile = get_profile()
     device = pick_device()
-    return (f"profile={profile.name} seed={run_seed()} device={device.type} dtype={str(pick_dtype(device)).replace('torch.', '')} "
-            f"torch={torch.__version__} transformers={transformers.__version__}")
+    return (
+        f"profile={profile.name} seed={run_seed()} device={device.type} "
+        f"dtype={str(pick_dtype(device)).replace('torch.', '')} "
+        f"torch={torch.__version__} transformers={transformers.__version__}"
+    )
 
 
 def four_bit_support() -> tuple[bool, str]:
@@ -192,11 +208,16 @@ def four_bit_support() -> tuple[bool, str]:
         import bitsandbytes as bnb
 
         device = pick_device()
-        layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4").to(device)
+        layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4").to(
+            device
+        )
         with torch.no_grad():
             out = layer(torch.randn(2, 64, device=device))
         if not torch.isfinite(out).all():
-            return False, "bitsandbytes 4-bit layers give non-finite outputs on this machine: QLoRA is skipped"
+            return (
+                False,
+                "bitsandbytes 4-bit layers give non-finite outputs on this machine: QLoRA is skipped",
+            )
         return True, f"4-bit NF4 works on {device.type} (bitsandbytes {bnb.__version__})"
     except Exception as e:  # noqa: BLE001 - any failure means "not here", said plainly
         return False, f"4-bit quantisation is not available here ({type(e).__name__}: {e}): QLoRA is skipped"

@@ -11,6 +11,7 @@ label_pairs            ``prompt/chosen/rejected`` (+ gold scores)  Chapters 3-6 
 annotator_preferences  ``prompt/chosen/rejected`` (+ gold scores)  Chapter 5 (ORPO), tests
 =====================  ==========================================  =========================
 """
+
 from __future__ import annotations
 
 import random
@@ -21,23 +22,23 @@ from datasets import Dataset, DatasetDict
 from . import judge
 from .config import course_seed
 from .tokenizer import DOC_SEP
-from .world import (World, annotate, make_dialogue, make_world, parse_request, pretraining_documents,
-                    single_turn_prompts, split_of, dialogue_first_turns)
-
-
-def require_columns(dataset, columns, purpose: str) -> None:
-    """Raise a clear error if ``dataset`` lacks any of ``columns``."""
-    have = set(dataset.column_names)
-    missing = [c for c in columns if c not in have]
-    if missing:
-        raise ValueError(
-            f"{purpose} needs the column(s) {missing}, but the dataset has {sorted(have)}. "
-            f"Rename or add them (e.g. dataset.rename_column('old', '{missing[0]}'))."
-        )
+from .world import (
+    World,
+    annotate,
+    dialogue_first_turns,
+    make_dialogue,
+    make_world,
+    parse_request,
+    pretraining_documents,
+    single_turn_prompts,
+    split_of,
+)
 
 
 # --- pretraining ---------------------------------------------------------------------------
-def pretraining_dataset(n_documents: int = 12_000, seed: int = 0, validation_fraction: float = 0.05) -> DatasetDict:
+def pretraining_dataset(
+    n_documents: int = 12_000, seed: int = 0, validation_fraction: float = 0.05
+) -> DatasetDict:
     """TinyWorld's plain-text corpus: ``train`` and ``validation`` splits with ``text`` and ``source``."""
     docs = pretraining_documents(n_documents, seed)
     n_val = int(len(docs) * validation_fraction)
@@ -65,7 +66,7 @@ def lm_batches(blocks: torch.Tensor, batch_size: int, steps: int, seed: int = 0)
     for _ in range(steps):
         if pos + batch_size > len(order):
             order, pos = torch.randperm(len(blocks), generator=g), 0
-        yield blocks[order[pos:pos + batch_size]]
+        yield blocks[order[pos : pos + batch_size]]
         pos += batch_size
 
 
@@ -87,8 +88,9 @@ def _draw_kind(rng: random.Random) -> str:
     return rng.choices(list(KIND_MIX), weights=list(KIND_MIX.values()))[0]
 
 
-def eval_conversations(n: int = 800, split: str = "test", seed: int = 0, dialogues: float = 0.0,
-                       world: World | None = None) -> Dataset:
+def eval_conversations(
+    n: int = 800, split: str = "test", seed: int = 0, dialogues: float = 0.0, world: World | None = None
+) -> Dataset:
     """Held-out prompts as conversations: ``prompt`` (a list of messages) and ``kind``.
 
     Single-turn prompts are drawn without replacement from the ``split`` part of the prompt
@@ -127,8 +129,14 @@ def eval_conversations(n: int = 800, split: str = "test", seed: int = 0, dialogu
 SFT_FORMATS = ("messages", "alpaca", "prompt_completion")
 
 
-def sft_dataset(n: int = 3000, fmt: str = "messages", seed: int = 0, dialogues: float = 0.15,
-                validation: int = 300, world: World | None = None) -> DatasetDict:
+def sft_dataset(
+    n: int = 3000,
+    fmt: str = "messages",
+    seed: int = 0,
+    dialogues: float = 0.15,
+    validation: int = 300,
+    world: World | None = None,
+) -> DatasetDict:
     """Demonstrations by annotators of mixed quality, on ``train``-split prompts only.
 
     ``fmt``: ``"messages"`` (chat), ``"alpaca"`` (instruction/input/output; single-turn only,
@@ -150,8 +158,10 @@ def sft_dataset(n: int = 3000, fmt: str = "messages", seed: int = 0, dialogues: 
             conv = [{"role": "user", "content": rng.choice(pool[_draw_kind(rng)])}]
         req = parse_request(conv, world)
         style, response = annotate(world, req, rng)
-        rows.append(_format_sft(conv, response, fmt) | {
-            "style": style, "gold": judge.score(conv, response, world=world)})
+        rows.append(
+            _format_sft(conv, response, fmt)
+            | {"style": style, "gold": judge.score(conv, response, world=world)}
+        )
     return DatasetDict(train=Dataset.from_list(rows[:n]), validation=Dataset.from_list(rows[n:]))
 
 
@@ -165,8 +175,16 @@ def _format_sft(conv: list[dict], response: str, fmt: str) -> dict:
 
 
 # --- preferences ---------------------------------------------------------------------------
-def label_pairs(conversations, responses_a, responses_b, seed: int = 0, finished_a=None, finished_b=None,
-                drop_ties: bool = True, world: World | None = None) -> Dataset:
+def label_pairs(
+    conversations,
+    responses_a,
+    responses_b,
+    seed: int = 0,
+    finished_a=None,
+    finished_b=None,
+    drop_ties: bool = True,
+    world: World | None = None,
+) -> Dataset:
     """Have the gold annotators compare two responses per conversation (noisy Bradley-Terry).
 
     Returns ``prompt/chosen/rejected`` in TRL's conversational format, with the gold scores of
@@ -190,16 +208,22 @@ def label_pairs(conversations, responses_a, responses_b, seed: int = 0, finished
             continue
         prefer_a = judge.noisy_label(sa, sb, rng)
         (c, sc), (r, sr) = ((a, sa), (b, sb)) if prefer_a else ((b, sb), (a, sa))
-        rows.append({
-            "prompt": conv,
-            "chosen": [{"role": "assistant", "content": c}],
-            "rejected": [{"role": "assistant", "content": r}],
-            "gold_chosen": sc, "gold_rejected": sr, "label_correct": sc >= sr,
-        })
+        rows.append(
+            {
+                "prompt": conv,
+                "chosen": [{"role": "assistant", "content": c}],
+                "rejected": [{"role": "assistant", "content": r}],
+                "gold_chosen": sc,
+                "gold_rejected": sr,
+                "label_correct": sc >= sr,
+            }
+        )
     return Dataset.from_list(rows)
 
 
-def annotator_preferences(n: int = 2000, seed: int = 0, split: str = "train", world: World | None = None) -> Dataset:
+def annotator_preferences(
+    n: int = 2000, seed: int = 0, split: str = "train", world: World | None = None
+) -> Dataset:
     """``n`` offline preference pairs: two annotators' responses to the same prompt, labelled
     noisily by :func:`label_pairs` (which drops identical responses and ties)."""
     world = world or make_world()

@@ -1,15 +1,30 @@
-"""Ground-truth evaluation with the gold judge: scores, per-kind tables, win rates with intervals."""
+"""Evaluation: the gold judge's scores, per-kind tables, win rates with intervals, KL to a reference,
+and the measurement every chapter's results table is made of."""
+
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 
 from . import judge as judge_rules  # (``judge`` is also an argument name below)
+from .logprobs import sequence_logprobs
 from .models import generate_responses
+from .sft import collate, completion_example
 
 
-def evaluate(model, tokenizer, conversations, *, do_sample: bool = False, temperature: float = 1.0,
-             max_new_tokens: int = 40, seed: int = 0, kinds=None, judge=None) -> pd.DataFrame:
+def evaluate(
+    model,
+    tokenizer,
+    conversations,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    max_new_tokens: int = 40,
+    seed: int = 0,
+    kinds=None,
+    judge=None,
+) -> pd.DataFrame:
     """Generate one response per conversation and score it: one row per prompt.
 
     Columns: ``prompt`` (last user turn), ``kind``, ``response``, ``finished``, ``n_tokens``,
@@ -19,13 +34,26 @@ def evaluate(model, tokenizer, conversations, *, do_sample: bool = False, temper
     prompts (the ``hub`` profile): ``gold`` is then that model's score and ``correct`` is unknown (NaN).
     """
     conversations = list(conversations)
-    gens = generate_responses(model, tokenizer, conversations, do_sample=do_sample, temperature=temperature,
-                              max_new_tokens=max_new_tokens, seed=seed)
+    gens = generate_responses(
+        model,
+        tokenizer,
+        conversations,
+        do_sample=do_sample,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+    )
     if judge is not None:
-        from .rlhf import reward_scores
+        from .reward import reward_scores
 
-        judged = reward_scores(judge[0], judge[1], conversations,
-                               [[{"role": "assistant", "content": g.text}] for g in gens]).float().cpu().tolist()
+        judged = (
+            reward_scores(
+                judge[0], judge[1], conversations, [[{"role": "assistant", "content": g.text}] for g in gens]
+            )
+            .float()
+            .cpu()
+            .tolist()
+        )
     rows = []
     for i, (conv, g) in enumerate(zip(conversations, gens)):
         if judge is None:
@@ -34,11 +62,19 @@ def evaluate(model, tokenizer, conversations, *, do_sample: bool = False, temper
             rude = "rude" in parts
         else:
             gold, correct, rude = judged[i], np.nan, judge_rules.is_rude(g.text)
-        rows.append({
-            "prompt": conv[-1]["content"], "kind": kinds[i] if kinds is not None else None,
-            "response": g.text, "finished": g.finished, "n_tokens": g.n_tokens,
-            "gold": gold, "correct": correct, "rude": rude, "refused": judge_rules.is_refusal(g.text),
-        })
+        rows.append(
+            {
+                "prompt": conv[-1]["content"],
+                "kind": kinds[i] if kinds is not None else None,
+                "response": g.text,
+                "finished": g.finished,
+                "n_tokens": g.n_tokens,
+                "gold": gold,
+                "correct": correct,
+                "rude": rude,
+                "refused": judge_rules.is_refusal(g.text),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -60,77 +96,120 @@ def win_rate(scores_a, scores_b, n_boot: int = 2000, seed: int = 0) -> dict[str,
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(a), size=(n_boot, len(a)))
     boots = wins[idx].mean(axis=1)
-    return {"win_rate": float(wins.mean()), "low": float(np.quantile(boots, 0.025)),
-            "high": float(np.quantile(boots, 0.975)), "ties": float((a == b).mean())}
+    return {
+        "win_rate": float(wins.mean()),
+        "low": float(np.quantile(boots, 0.025)),
+        "high": float(np.quantile(boots, 0.975)),
+        "ties": float((a == b).mean()),
+    }
 
 
-def mean_ci(values, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
-    """The mean of ``values`` with a bootstrap 95% confidence interval."""
-    v = np.asarray(values, float)
-    rng = np.random.default_rng(seed)
-    boots = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
-    return {"mean": float(v.mean()), "low": float(np.quantile(boots, 0.025)), "high": float(np.quantile(boots, 0.975))}
+@torch.no_grad()
+def response_logprobs(model, tokenizer, prompts, responses, batch_size: int = 64) -> torch.Tensor:
+    """``log pi(response | prompt)`` summed over the response's tokens (its end token included), per pair."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        examples = [
+            completion_example(tokenizer, p, [{"role": "assistant", "content": r}])
+            for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])
+        ]
+        batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out.append(sequence_logprobs(logits, batch["labels"]).cpu())
+    return torch.cat(out)
 
 
-class PeakMemory:
-    """Context manager: the peak resident memory while the block runs, sampled every ``every``
-    seconds, as ``.peak`` (bytes) and ``.peak_mb``.
+def sequence_kl(policy, reference, tokenizer, prompts, responses) -> float:
+    """Monte-Carlo estimate of KL(policy || reference) in nats per response, from responses
+    *sampled from the policy*: the mean of ``log pi(y|x) - log pi_ref(y|x)``."""
+    lp = response_logprobs(policy, tokenizer, prompts, responses)
+    lr = response_logprobs(reference, tokenizer, prompts, responses)
+    return float((lp - lr).mean())
 
-    By default it watches this process; with ``children=True``, the summed memory of process
-    ``pid``'s descendants instead (the benchmark uses that for a notebook's kernel).
+
+def measure(
+    model,
+    tokenizer,
+    prompts,
+    reference,
+    *,
+    kinds=None,
+    greedy: bool = True,
+    reward=None,
+    judge=None,
+    unsafe=None,
+    reference_name: str = "SFT",
+    seed: int = 3,
+):
+    """What every chapter's results table reports about one model, on the same prompts.
+
+    Samples one answer per prompt (temperature 1, ``seed``) and, with ``greedy``, one greedy answer,
+    both scored by :func:`evaluate` (the gold judge, or ``judge``). Returns ``(sampled, greedy, stats)``:
+    the two per-prompt frames (``greedy`` is ``None`` without it) and a dict of the sampled answers'
+
+    * ``"learned reward"``: the mean score of ``reward = (reward_model, mean, std)`` in those units
+      (the SFT model's answers score about 0), when ``reward`` is given;
+    * ``"KL to SFT"`` (named after ``reference_name``): :func:`sequence_kl` to ``reference``, 0 for
+      the reference;
+    * ``"words"``, ``"rude"``, ``"finished"`` and, where the judge knows it, ``"correct"``;
+    * with ``unsafe`` (a boolean per prompt): ``"refuses unsafe"`` and ``"refuses harmless"``.
     """
+    prompts = list(prompts)
+    sampled = evaluate(model, tokenizer, prompts, kinds=kinds, do_sample=True, seed=seed, judge=judge)
+    greedy_df = evaluate(model, tokenizer, prompts, kinds=kinds, judge=judge) if greedy else None
+    stats = {}
+    if reward is not None:
+        from .reward import reward_scores
 
-    def __init__(self, pid: int | None = None, children: bool = False, every: float = 0.05):
-        import os
-        import threading
-
-        self.pid, self.children, self.every, self.peak = pid or os.getpid(), children, every, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _rss(self) -> int:
-        import psutil
-
-        try:
-            proc = psutil.Process(self.pid)
-            if self.children:
-                return sum(c.memory_info().rss for c in proc.children(recursive=True))
-            return proc.memory_info().rss
-        except psutil.Error:
-            return 0
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            self._stop.wait(self.every)
-
-    def __enter__(self):
-        self.peak = self._rss()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-    @property
-    def peak_mb(self) -> float:
-        return self.peak / 2**20
+        reward_model, mean, std = reward
+        with torch.no_grad():
+            learned = reward_scores(
+                reward_model,
+                tokenizer,
+                prompts,
+                [[{"role": "assistant", "content": t}] for t in sampled["response"]],
+            ).cpu()
+        stats["learned reward"] = ((learned - mean) / std).mean().item()
+    kl = (
+        0.0
+        if model is reference
+        else sequence_kl(model, reference, tokenizer, prompts, list(sampled["response"]))
+    )
+    stats[f"KL to {reference_name}"] = kl
+    stats["words"] = sampled["response"].map(lambda t: len(t.split())).mean()
+    stats["rude"] = sampled["rude"].mean()
+    stats["finished"] = sampled["finished"].mean()
+    if sampled["correct"].notna().all():
+        stats["correct"] = sampled["correct"].astype(float).mean()
+    if unsafe is not None:
+        unsafe = np.asarray(unsafe, bool)
+        stats["refuses unsafe"] = sampled["refused"][unsafe].mean() if unsafe.any() else np.nan
+        stats["refuses harmless"] = sampled["refused"][~unsafe].mean()
+    return sampled, greedy_df, stats
 
 
-def count_sequences(*models):
-    """Attach counters of the sequences each model processes (rows of ``input_ids`` per forward call).
-
-    Returns ``(counts, handles)``: a dict that fills up as the models run (calls under
-    ``torch.no_grad()`` counted apart), and the hook handles to ``.remove()`` when done."""
-    counts = {"with_grad": 0, "without_grad": 0}
-
-    def hook(module, args, kwargs):
-        import torch
-
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is not None:
-            counts["with_grad" if torch.is_grad_enabled() else "without_grad"] += int(ids.shape[0])
-
-    return counts, [m.register_forward_pre_hook(hook, with_kwargs=True) for m in models]
+def results_table(results: dict, baseline: str = "SFT") -> pd.DataFrame:
+    """One row per model of ``results = {name: measure(...)}``: gold score and win rate against
+    ``baseline`` (with its 95% interval) for sampled and, where measured, greedy answers, then the stats."""
+    base_sampled, base_greedy, _ = results[baseline]
+    rows = {}
+    for name, (sampled, greedy, stats) in results.items():
+        ws = win_rate(sampled["gold"], base_sampled["gold"])
+        row = {
+            "gold, sampled": sampled["gold"].mean(),
+            f"win vs {baseline}, sampled": ws["win_rate"],
+            "95% CI": f"[{ws['low']:.3f}, {ws['high']:.3f}]",
+        }
+        if greedy is not None and base_greedy is not None:
+            wg = win_rate(greedy["gold"], base_greedy["gold"])
+            row.update(
+                {
+                    "gold, greedy": greedy["gold"].mean(),
+                    f"win vs {baseline}, greedy": wg["win_rate"],
+                    "95% CI ": f"[{wg['low']:.3f}, {wg['high']:.3f}]",
+                }
+            )
+        rows[name] = row | stats
+    return pd.DataFrame(rows).T

@@ -3,6 +3,7 @@
 Every loader also takes a local folder or file of the same shape, which is how the tests run
 them offline. Loading is safe: safetensors only, ``trust_remote_code=False``.
 """
+
 from __future__ import annotations
 
 import os
@@ -10,7 +11,7 @@ import socket
 from pathlib import Path
 
 from .config import pick_device, weights_dtype
-from .data import require_columns
+from .formats import alpaca_to_messages, require_columns, split_implicit_prompt
 
 HUB_HOST = "huggingface.co"
 
@@ -61,6 +62,7 @@ def load_hub_tokenizer(name: str):
         # Base checkpoints often have no template, or one without the {% generation %} markers that
         # assistant-only loss needs; the course's template has them (its role markers become text).
         from .tokenizer import CHAT_TEMPLATE
+
         tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -87,11 +89,16 @@ def load_hub_judge(name: str, device=None):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     device = device or pick_device()
-    model = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, name,
-                             dtype=weights_dtype(device, trainable=False),  # frozen: half precision is fine
-                             use_safetensors=True)
+    model = _from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained,
+        name,
+        dtype=weights_dtype(device, trainable=False),  # frozen: half precision is fine
+        use_safetensors=True,
+    )
     if model.config.num_labels != 1:
-        raise ValueError(f"{name!r} has {model.config.num_labels} outputs; a reward model has one (a scalar score)")
+        raise ValueError(
+            f"{name!r} has {model.config.num_labels} outputs; a reward model has one (a scalar score)"
+        )
     tok = _from_pretrained(AutoTokenizer.from_pretrained, name)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -132,12 +139,6 @@ def load_hub_text_dataset(name: str, config: str | None = None, min_chars: int =
     return ds
 
 
-def alpaca_to_messages(record: dict) -> list[dict]:
-    """An Alpaca record (instruction / input / output) as a one-turn chat conversation."""
-    user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
-
-
 def load_hub_sft_dataset(name: str, n: int = 3000, validation: int = 300, seed: int = 0):
     """An instruction dataset from the Hub (or a local file/folder) as ``train``/``validation``
     splits with a ``messages`` column: Alpaca records are converted, chat datasets kept as they are.
@@ -154,16 +155,9 @@ def load_hub_sft_dataset(name: str, n: int = 3000, validation: int = 300, seed: 
     if n_total <= validation:
         raise ValueError(f"the SFT dataset has only {len(train)} rows; need more than {validation}")
     train = train.select(range(n_total))
-    return DatasetDict(train=train.select(range(validation, n_total)), validation=train.select(range(validation)))
-
-
-def _split_implicit_prompt(row: dict) -> dict:
-    """``chosen``/``rejected`` that both hold the whole conversation -> explicit ``prompt`` + answers."""
-    chosen, rejected = row["chosen"], row["rejected"]
-    n = 0
-    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
-        n += 1
-    return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+    return DatasetDict(
+        train=train.select(range(validation, n_total)), validation=train.select(range(validation))
+    )
 
 
 def load_hub_preference_dataset(name: str, n: int = 1500, seed: int = 0):
@@ -176,5 +170,5 @@ def load_hub_preference_dataset(name: str, n: int = 1500, seed: int = 0):
     require_columns(train, ["chosen", "rejected"], "a preference dataset")
     train = train.shuffle(seed=seed).select(range(min(n, len(train))))
     if "prompt" not in train.column_names:
-        train = train.map(_split_implicit_prompt)
+        train = train.map(split_implicit_prompt)
     return train.select_columns(["prompt", "chosen", "rejected"])

@@ -1,4 +1,5 @@
 """A Llama-style model factory, and generation helpers shared by every chapter."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,8 +12,14 @@ from .config import course_seed
 from .tokenizer import DOC_SEP, END
 
 # ~0.9M parameters with a 1k vocabulary: learns TinyWorld on a CPU in a minute or so.
-TINY_MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                  intermediate_size=384, max_position_embeddings=256)
+TINY_MODEL = dict(
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    intermediate_size=384,
+    max_position_embeddings=256,
+)
 
 
 def make_model(tokenizer, seed: int = 0, **overrides) -> LlamaForCausalLM:
@@ -30,8 +37,10 @@ def make_model(tokenizer, seed: int = 0, **overrides) -> LlamaForCausalLM:
     with torch.random.fork_rng():
         torch.manual_seed(course_seed(seed))
         model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(END),
-                                            tokenizer.convert_tokens_to_ids(DOC_SEP)]
+    model.generation_config.eos_token_id = [
+        tokenizer.convert_tokens_to_ids(END),
+        tokenizer.convert_tokens_to_ids(DOC_SEP),
+    ]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
@@ -48,7 +57,7 @@ def count_parameters(model, trainable_only: bool = False) -> int:
 
 
 @contextlib.contextmanager
-def _left_padding(tokenizer):
+def left_padding(tokenizer):
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -65,9 +74,17 @@ class Generation:
 
 
 @torch.no_grad()
-def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 40, do_sample: bool = False,
-                   temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
-                   batch_size: int = 128) -> list[Generation]:
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 40,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    batch_size: int = 128,
+) -> list[Generation]:
     """Continue each prompt string (already formatted; special tokens allowed) and decode.
 
     Greedy by default; with ``do_sample`` the draw is seeded, so results are reproducible.
@@ -81,19 +98,18 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 4
     stop_ids = model.generation_config.eos_token_id
     stop_ids = set(stop_ids if isinstance(stop_ids, list) else [stop_ids])
     out: list[Generation] = []
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                      pad_token_id=tokenizer.pad_token_id)
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id)
     if do_sample:
         gen_kwargs.update(temperature=temperature, top_k=top_k or 0, top_p=1.0)
     else:
         gen_kwargs.update(temperature=None, top_k=None, top_p=None)
-    with torch.random.fork_rng(), _left_padding(tokenizer):
+    with torch.random.fork_rng(), left_padding(tokenizer):
         torch.manual_seed(course_seed(seed))
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
+            chunk = prompts[start : start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             seqs = model.generate(**enc, **gen_kwargs)
-            new = seqs[:, enc["input_ids"].shape[1]:].tolist()
+            new = seqs[:, enc["input_ids"].shape[1] :].tolist()
             for ids in new:
                 finished, kept = False, []
                 for t in ids:
@@ -112,7 +128,9 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 4
 
 def chat_prompts(tokenizer, conversations: list[list[dict]]) -> list[str]:
     """Render conversations with the chat template, ready for the assistant's next turn."""
-    return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    return [
+        tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
+    ]
 
 
 def generate_responses(model, tokenizer, conversations: list[list[dict]], **kwargs) -> list[Generation]:
@@ -128,14 +146,12 @@ def load_quantized(model, quantization_config, device_map: str | None = None):
     import tempfile
 
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+
+    from .progress import quiet_transformers
 
     device_map = device_map or next(model.parameters()).device.type
-    hf_logging.disable_progress_bar()
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quantization_config,
-                                                        device_map=device_map, use_safetensors=True)
-    finally:
-        hf_logging.enable_progress_bar()
+    with quiet_transformers(), tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        return AutoModelForCausalLM.from_pretrained(
+            tmp, quantization_config=quantization_config, device_map=device_map, use_safetensors=True
+        )

@@ -5,20 +5,13 @@
 where ``odds(y) = p / (1 - p)`` and ``p = exp(mean log-probability of y's tokens)``. TRL calls
 ``lambda`` ``beta`` (``trl.experimental.orpo.ORPOConfig``). Chapter 5 writes these from scratch.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .sft import IGNORE
-
-
-def average_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean log-probability of each row's labelled tokens (logits[t] predicting labels[t+1]): ``[batch]``."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    mask = labels != IGNORE
-    logp = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logp * mask).sum(-1) / mask.sum(-1)
+from .logprobs import average_logprobs  # noqa: F401  (Chapter 5's exercise 1; re-exported)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -31,8 +24,9 @@ def log_odds(avg_logp: torch.Tensor) -> torch.Tensor:
     return avg_logp - log1mexp(avg_logp)
 
 
-def orpo_loss(nll_chosen: torch.Tensor, chosen_avg_logp: torch.Tensor, rejected_avg_logp: torch.Tensor,
-              lam: float = 0.1):
+def orpo_loss(
+    nll_chosen: torch.Tensor, chosen_avg_logp: torch.Tensor, rejected_avg_logp: torch.Tensor, lam: float = 0.1
+):
     """``nll_chosen - lam * mean(log sigmoid(log odds ratio))``; returns (loss, mean log odds ratio).
 
     Higher ``lam`` = more weight on separating chosen from rejected, less on plain imitation.

@@ -1,4 +1,5 @@
 """Small matplotlib helpers with one look across the book."""
+
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
@@ -16,8 +17,15 @@ def smooth(values, window: int = 5) -> np.ndarray:
     return out
 
 
-def plot_curves(curves: dict, xlabel: str = "step", ylabel: str = "loss", title: str | None = None,
-                logy: bool = False, hlines: dict | None = None, ax=None):
+def plot_curves(
+    curves: dict,
+    xlabel: str = "step",
+    ylabel: str = "loss",
+    title: str | None = None,
+    logy: bool = False,
+    hlines: dict | None = None,
+    ax=None,
+):
     """Plot named curves: ``{"name": (xs, ys)}``; ``hlines`` draws labelled reference levels."""
     if ax is None:
         _, ax = plt.subplots(figsize=(6.4, 3.6))
@@ -25,7 +33,14 @@ def plot_curves(curves: dict, xlabel: str = "step", ylabel: str = "loss", title:
         ax.plot(xs, ys, label=name, lw=1.8)
     for name, y in (hlines or {}).items():
         ax.axhline(y, ls="--", lw=1, color="grey")
-        ax.annotate(name, (ax.get_xlim()[0], y), textcoords="offset points", xytext=(4, 3), fontsize=8, color="dimgrey")
+        ax.annotate(
+            name,
+            (ax.get_xlim()[0], y),
+            textcoords="offset points",
+            xytext=(4, 3),
+            fontsize=8,
+            color="dimgrey",
+        )
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -47,7 +62,9 @@ def bar_compare(values: dict, ylabel: str, title: str | None = None, errors: dic
     yerr = None
     if errors:
         yerr = np.array([[values[n] - errors[n][0], errors[n][1] - values[n]] for n in names]).T
-    ax.bar(names, ys, yerr=yerr, capsize=4, color=plt.rcParams["axes.prop_cycle"].by_key()["color"][: len(names)])
+    ax.bar(
+        names, ys, yerr=yerr, capsize=4, color=plt.rcParams["axes.prop_cycle"].by_key()["color"][: len(names)]
+    )
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)

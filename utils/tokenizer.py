@@ -4,6 +4,7 @@ The chat template wraps each assistant turn in ``{% generation %}...{% endgenera
 ``apply_chat_template(..., return_assistant_tokens_mask=True)`` - and with it TRL's
 ``assistant_only_loss`` - can tell which tokens the assistant wrote.
 """
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -18,10 +19,19 @@ SPECIAL_TOKENS = [PAD, DOC_SEP, SYSTEM, USER, ASSISTANT, END]
 
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}" + SYSTEM + "{{ message['content'] }}" + END +
-    "{%- elif message['role'] == 'user' -%}" + USER + "{{ message['content'] }}" + END +
-    "{%- elif message['role'] == 'assistant' -%}" + ASSISTANT +
-    "{% generation %}{{ message['content'] }}" + END + "{% endgeneration %}"
+    "{%- if message['role'] == 'system' -%}"
+    + SYSTEM
+    + "{{ message['content'] }}"
+    + END
+    + "{%- elif message['role'] == 'user' -%}"
+    + USER
+    + "{{ message['content'] }}"
+    + END
+    + "{%- elif message['role'] == 'assistant' -%}"
+    + ASSISTANT
+    + "{% generation %}{{ message['content'] }}"
+    + END
+    + "{% endgeneration %}"
     "{%- else -%}{{ raise_exception('unknown role: ' + message['role']) }}"
     "{%- endif -%}"
     "{%- endfor -%}"
@@ -29,7 +39,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``texts`` and wrap it for ``transformers``.
 
     Every word gets a leading-space byte (``add_prefix_space``), so "Alba" is the same token at
@@ -69,9 +81,13 @@ def check_chat_template(tokenizer) -> None:
     """Raise a clear error when ``tokenizer`` cannot do assistant-only loss."""
     template = getattr(tokenizer, "chat_template", None)
     if not template:
-        raise ValueError("the tokenizer has no chat template: set tokenizer.chat_template "
-                         "(see utils.tokenizer.CHAT_TEMPLATE for one with generation markers)")
+        raise ValueError(
+            "the tokenizer has no chat template: set tokenizer.chat_template "
+            "(see utils.tokenizer.CHAT_TEMPLATE for one with generation markers)"
+        )
     if "{% generation %}" not in template.replace("{%- generation %}", "{% generation %}"):
-        raise ValueError("the chat template has no {% generation %} ... {% endgeneration %} markers "
-                         "around assistant turns, so the assistant tokens cannot be found for "
-                         "assistant-only loss; wrap each assistant message in them")
+        raise ValueError(
+            "the chat template has no {% generation %} ... {% endgeneration %} markers "
+            "around assistant turns, so the assistant tokens cannot be found for "
+            "assistant-only loss; wrap each assistant message in them"
+        )

@@ -1,129 +1,24 @@
-"""RLHF, reference version: a reward model and PPO against it.
+"""PPO for RLHF (Chapter 3, Part 2; Schulman et al. 2017, as used by Ziegler et al. 2019 and InstructGPT).
 
-Part 1, the reward model. It is the SFT model with its language-model head replaced by a
-scalar head (``AutoModelForSequenceClassification`` with one label, which reads the last
-non-padding token) - the layout ``trl.RewardTrainer`` trains. It is fitted to preference pairs
-with the Bradley-Terry loss ``-log sigmoid(r(x, y_w) - r(x, y_l))`` (InstructGPT, eq. 1).
-
-Part 2, PPO (Schulman et al. 2017; as used for RLHF by Ziegler et al. 2019 and InstructGPT).
-TRL removed its ``PPOTrainer`` in 1.13, so this is the course's own, written to be read: a
-rollout, per-token rewards with a KL penalty, GAE, the clipped policy and value losses, and a
-loop of minibatch epochs. Chapter 3 writes the same pieces from scratch as exercises;
-Project 2 calls :func:`train_ppo`.
+TRL removed its ``PPOTrainer`` in 1.13, so this is the course's own, written to be read: a rollout,
+per-token rewards with a KL penalty, GAE, the clipped policy and value losses, and a loop of
+minibatch epochs. Chapter 3 writes the pieces as exercises and the loop as
+``train_ppo_from_scratch``; :func:`train_ppo` is that loop (``tests/test_twins.py`` keeps the two
+identical), and Project 2 calls it.
 """
+
 from __future__ import annotations
 
 import copy
-import tempfile
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .config import course_seed, seed_everything
-from .data import require_columns
-from .pretrain import progress
+from .progress import progress
+from .reward import reward_scores
 
 
-def bradley_terry_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) -> torch.Tensor:
-    """Mean of ``-log sigmoid(r_chosen - r_rejected)``: the negative log-likelihood of the labels."""
-    return -F.logsigmoid(reward_chosen - reward_rejected).mean()
-
-
-def reward_model_from(model, tokenizer):
-    """A scalar-head reward model whose backbone is a copy of ``model`` (the head starts at random)."""
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "some weights were newly initialised": the head, by design
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            rm = AutoModelForSequenceClassification.from_pretrained(tmp, num_labels=1, use_safetensors=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
-    rm.config.pad_token_id = tokenizer.pad_token_id
-    return rm.to(next(model.parameters()).device)
-
-
-def _encode(tokenizer, conversations, device):
-    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"  # the head reads the last non-padding token
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
-    return {k: v.to(device) for k, v in enc.items()}
-
-
-def reward_scores(rm, tokenizer, prompts, completions, batch_size: int = 64, grad: bool = False) -> torch.Tensor:
-    """The reward of each (prompt, completion) pair; prompts and completions are message lists.
-
-    Returns ``[N]`` on the reward model's device (training needs it there, with ``grad``); call
-    ``.cpu()`` before mixing it with CPU data or calling ``.numpy()``.
-    """
-    device = next(rm.parameters()).device
-    out = []
-    with torch.set_grad_enabled(grad):
-        for i in range(0, len(prompts), batch_size):
-            convs = [p + c for p, c in zip(prompts[i:i + batch_size], completions[i:i + batch_size])]
-            out.append(rm(**_encode(tokenizer, convs, device)).logits[:, 0])
-    return torch.cat(out)
-
-
-def train_reward_model(rm, tokenizer, pairs, *, epochs: int = 1, lr: float = 1e-4, batch_size: int = 32,
-                       seed: int = 0, show_progress: bool = True) -> list[dict]:
-    """Fit ``rm`` to ``prompt/chosen/rejected`` pairs with the Bradley-Terry loss."""
-    require_columns(pairs, ["prompt", "chosen", "rejected"], "reward-model training")
-    seed_everything(seed)
-    rows = pairs.select_columns(["prompt", "chosen", "rejected"]).to_list()
-    opt = torch.optim.AdamW(rm.parameters(), lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(course_seed(seed))
-    total = epochs * ((len(rows) + batch_size - 1) // batch_size)
-    history, bar = [], progress(total=total, desc="reward model", disable=not show_progress)
-    rm.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(rows), generator=g).tolist()
-        for i in range(0, len(order), batch_size):
-            chunk = [rows[j] for j in order[i:i + batch_size]]
-            prompts = [r["prompt"] for r in chunk]
-            rewards = reward_scores(rm, tokenizer, prompts + prompts, [r["chosen"] for r in chunk]
-                                    + [r["rejected"] for r in chunk], batch_size=2 * len(chunk), grad=True)
-            rc, rr = rewards[:len(chunk)], rewards[len(chunk):]
-            loss = bradley_terry_loss(rc, rr)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
-            opt.step()
-            history.append({"loss": loss.item(), "accuracy": (rc > rr).float().mean().item()})
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            bar.update(1)
-    bar.close()
-    rm.eval()
-    return history
-
-
-def pairwise_accuracy(rm, tokenizer, pairs) -> dict[str, float]:
-    """How often the reward model prefers the labelled-chosen answer; with gold scores present,
-    also how often it prefers the gold-better one (pairs with equal gold skipped)."""
-    rm.eval()
-    prompts = list(pairs["prompt"])
-    rc = reward_scores(rm, tokenizer, prompts, list(pairs["chosen"])).cpu()  # metrics are computed on the CPU
-    rr = reward_scores(rm, tokenizer, prompts, list(pairs["rejected"])).cpu()
-    out = {"vs_labels": float((rc > rr).float().mean())}
-    if "gold_chosen" in pairs.column_names:
-        gc, gr = torch.tensor(pairs["gold_chosen"]), torch.tensor(pairs["gold_rejected"])
-        decided = gc != gr
-        prefers_chosen = rc > rr
-        out["vs_gold"] = float((prefers_chosen == (gc > gr))[decided].float().mean())
-    return out
-
-
-# --- Part 2: PPO ----------------------------------------------------------------------------
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over the entries where ``mask`` is 1 (every token of the batch counts once)."""
     mask = mask.to(x.dtype)
@@ -138,8 +33,13 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
-def per_token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                      mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+def per_token_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+) -> torch.Tensor:
     """The reward PPO maximises, token by token (Ziegler et al. 2019, eq. 2; InstructGPT, eq. 2):
 
     ``r_t = -kl_coef * (log pi(y_t) - log pi_ref(y_t))`` on every response token, plus the
@@ -157,8 +57,9 @@ def per_token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs
     return rewards
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016, eqs. 11-16), computed backwards:
 
     ``delta_t = r_t + gamma * V_{t+1} - V_t`` and ``A_t = delta_t + gamma * lam * A_{t+1}``, with
@@ -178,8 +79,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, clip: float = 0.2) -> torch.Tensor:
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+) -> torch.Tensor:
     """The clipped surrogate objective, negated (Schulman et al. 2017, eq. 7), averaged over tokens:
 
     ``max(-A * ratio, -A * clip(ratio, 1 - clip, 1 + clip))`` with ``ratio = exp(logp - old_logp)``.
@@ -192,8 +98,13 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     return masked_mean(torch.maximum(unclipped, clipped), mask)
 
 
-def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                   mask: torch.Tensor, clip: float = 0.2) -> torch.Tensor:
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+) -> torch.Tensor:
     """The clipped value loss (as in OpenAI's baselines and TRL's former PPO):
 
     ``0.5 * max((V - R)^2, (V_clipped - R)^2)`` with ``V_clipped = old_V + clip(V - old_V, -clip, clip)``,
@@ -211,6 +122,7 @@ class Rollout:
     sampled tokens up to and including the first end token, right-padded; the masks are 1 on
     real tokens. ``finished`` is true where the response ended its turn (the end-of-turn token).
     """
+
     conversations: list
     query: torch.Tensor
     query_mask: torch.Tensor
@@ -228,49 +140,78 @@ class Rollout:
         qm, rm = self.query_mask[index], self.response_mask[index]
         q0 = int((qm.sum(0) > 0).nonzero()[0])  # first column any of these prompts uses (left padding)
         r1 = int(rm.sum(1).max())  # longest of these responses (right padding)
-        return Rollout([self.conversations[i] for i in index.tolist()], self.query[index][:, q0:], qm[:, q0:],
-                       self.response[index][:, :r1], rm[:, :r1], self.finished[index],
-                       [self.texts[i] for i in index.tolist()])
+        return Rollout(
+            [self.conversations[i] for i in index.tolist()],
+            self.query[index][:, q0:],
+            qm[:, q0:],
+            self.response[index][:, :r1],
+            rm[:, :r1],
+            self.finished[index],
+            [self.texts[i] for i in index.tolist()],
+        )
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        """``input_ids``, ``attention_mask`` and ``position_ids`` of prompt + response (positions skip the left padding)."""
+        """``input_ids``, ``attention_mask`` and ``position_ids`` of prompt + response (positions skip
+        the left padding)."""
         attention_mask = torch.cat([self.query_mask, self.response_mask], 1)
-        return {"input_ids": torch.cat([self.query, self.response], 1), "attention_mask": attention_mask,
-                "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0)}
+        return {
+            "input_ids": torch.cat([self.query, self.response], 1),
+            "attention_mask": attention_mask,
+            "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0),
+        }
 
 
 @torch.no_grad()
-def sample_rollout(policy, tokenizer, conversations, *, max_new_tokens: int = 40, temperature: float = 1.0,
-                   seed: int = 0) -> Rollout:
+def sample_rollout(
+    policy, tokenizer, conversations, *, max_new_tokens: int = 40, temperature: float = 1.0, seed: int = 0
+) -> Rollout:
     """Sample one response per conversation from ``policy`` (pure sampling at ``temperature``: no top-k/top-p,
     so the log-probabilities PPO computes are those of the distribution that was sampled)."""
-    from .models import _left_padding, chat_prompts
+    from .models import chat_prompts, left_padding
 
     device = next(policy.parameters()).device
     stop = policy.generation_config.eos_token_id
     stop = set(stop if isinstance(stop, list) else [stop])
-    with _left_padding(tokenizer):
-        enc = tokenizer(chat_prompts(tokenizer, conversations), return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(device)
+    with left_padding(tokenizer):
+        enc = tokenizer(
+            chat_prompts(tokenizer, conversations),
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+        ).to(device)
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         torch.manual_seed(course_seed(seed))
-        seqs = policy.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                               max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-    new = seqs[:, enc["input_ids"].shape[1]:].tolist()
+        seqs = policy.generate(
+            **enc,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    new = seqs[:, enc["input_ids"].shape[1] :].tolist()
     kept, finished = [], []
     for ids in new:
         cut = next((i for i, t in enumerate(ids) if t in stop), None)
-        kept.append(ids if cut is None else ids[:cut + 1])
+        kept.append(ids if cut is None else ids[: cut + 1])
         finished.append(cut is not None and ids[cut] == tokenizer.eos_token_id)
     width = max(len(k) for k in kept)
     response = torch.full((len(kept), width), tokenizer.pad_token_id, dtype=torch.long)
     response_mask = torch.zeros((len(kept), width), dtype=torch.long)
     for i, k in enumerate(kept):
-        response[i, :len(k)] = torch.tensor(k)
-        response_mask[i, :len(k)] = 1
+        response[i, : len(k)] = torch.tensor(k)
+        response_mask[i, : len(k)] = 1
     texts = [tokenizer.decode(k, skip_special_tokens=True).strip() for k in kept]
-    return Rollout(list(conversations), enc["input_ids"], enc["attention_mask"], response.to(device),
-                   response_mask.to(device), torch.tensor(finished, device=device), texts)
+    return Rollout(
+        list(conversations),
+        enc["input_ids"],
+        enc["attention_mask"],
+        response.to(device),
+        response_mask.to(device),
+        torch.tensor(finished, device=device),
+        texts,
+    )
 
 
 def token_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,29 +245,37 @@ def token_values(value_model, rollout: Rollout) -> torch.Tensor:
 
 def rollout_scores(reward_model, tokenizer, rollout: Rollout) -> torch.Tensor:
     """The reward model's score of each response, read at the end of the chat-formatted conversation."""
-    return reward_scores(reward_model, tokenizer, rollout.conversations,
-                         [[{"role": "assistant", "content": t}] for t in rollout.texts])
+    return reward_scores(
+        reward_model,
+        tokenizer,
+        rollout.conversations,
+        [[{"role": "assistant", "content": t}] for t in rollout.texts],
+    )
 
 
 def gold_scores(rollout: Rollout) -> list[float]:
     """The gold judge's score of each response (an unfinished answer is penalised by the rubric)."""
     from . import judge
 
-    return [judge.score(c, t, bool(f)) for c, t, f in zip(rollout.conversations, rollout.texts, rollout.finished)]
+    return [
+        judge.score(c, t, bool(f)) for c, t, f in zip(rollout.conversations, rollout.texts, rollout.finished)
+    ]
 
 
 @dataclass
 class PPOSettings:
-    """The knobs of :func:`train_ppo`, with the values Chapter 3 uses on the tiny model."""
+    """The knobs of :func:`train_ppo`; the defaults are the values Chapter 3 and Project 2 use on the
+    tiny model (40 iterations of 64 answers, two passes of two minibatches, β = 0.1, λ = 1)."""
+
     iterations: int = 40  # rollout -> update cycles
     batch_size: int = 64  # responses per rollout
-    minibatch_size: int = 16
-    ppo_epochs: int = 4  # passes over each rollout
-    lr: float = 2e-5  # policy
+    minibatch_size: int = 32
+    ppo_epochs: int = 2  # passes over each rollout
+    lr: float = 1e-5  # policy
     value_lr: float = 1e-4
-    kl_coef: float = 0.05  # fixed KL penalty; higher = stay closer to the reference
+    kl_coef: float = 0.1  # fixed KL penalty; higher = stay closer to the reference
     gamma: float = 1.0
-    lam: float = 0.95
+    lam: float = 1.0  # Monte-Carlo returns: the value model is poor mid-answer (Chapter 3, detail 6)
     clip: float = 0.2
     value_clip: float = 0.2
     temperature: float = 1.0
@@ -336,18 +285,30 @@ class PPOSettings:
     seed: int = 0
 
 
-def train_ppo(policy, reference, value_model, reward_model, tokenizer, conversations, settings: PPOSettings,
-              reward_norm: tuple[float, float] = (0.0, 1.0), gold: bool = True, show_progress: bool = True,
-              callback=None) -> list[dict]:
+def train_ppo(
+    policy,
+    reference,
+    value_model,
+    reward_model,
+    tokenizer,
+    conversations,
+    settings: PPOSettings,
+    reward_norm: tuple[float, float] = (0.0, 1.0),
+    gold: bool = True,
+    desc: str = "PPO",
+    show_progress: bool = True,
+    callback=None,
+) -> list[dict]:
     """Optimise ``policy`` against ``reward_model`` with PPO; ``reference`` is frozen.
 
     ``reward_model`` is a sequence-classification model (scored with :func:`rollout_scores`) or
     any function ``rollout -> scores[B]``; scores are normalised with ``reward_norm = (mean, std)``,
     best the reward model's mean and spread on the SFT model's own answers (Chapter 3, detail 3).
 
-    Each iteration samples ``batch_size`` prompts from ``conversations`` (a seeded shuffle,
-    cycled), rolls out one response each, scores it, turns the scores into per-token rewards and
-    advantages, and takes ``ppo_epochs`` passes of minibatch updates over the rollout. All models
+    This is Chapter 3's loop (``train_ppo_from_scratch``). Each iteration takes the next
+    ``batch_size`` prompts of a seeded shuffle of ``conversations`` (cycled), rolls out one response
+    each, scores it, turns the scores into per-token rewards and advantages, and takes
+    ``ppo_epochs`` passes of minibatch updates over the rollout. All models
     stay in eval mode (no dropout: the log-probabilities of the update must match the rollout's).
     ``callback(iteration, history)`` runs after every iteration. Returns one dict per iteration; with
     ``gold`` (TinyWorld prompts only) each records the gold judge's mean score of the rollout too.
@@ -360,24 +321,32 @@ def train_ppo(policy, reference, value_model, reward_model, tokenizer, conversat
     opt_policy = torch.optim.AdamW(policy.parameters(), lr=s.lr, weight_decay=0.0)
     opt_value = torch.optim.AdamW(value_model.parameters(), lr=s.value_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(course_seed(s.seed))
-    order, cursor = torch.randperm(len(conversations), generator=g).tolist(), 0
-    history, bar = [], progress(total=s.iterations, desc="PPO", disable=not show_progress)
+    order = torch.randperm(len(conversations), generator=g).tolist()
+    history, bar = [], progress(total=s.iterations, desc=desc, disable=not show_progress)
     mean, std = reward_norm
     for it in range(s.iterations):
-        if cursor + s.batch_size > len(order):
-            order, cursor = torch.randperm(len(conversations), generator=g).tolist(), 0
-        batch = [conversations[i] for i in order[cursor:cursor + s.batch_size]]
-        cursor += s.batch_size
+        batch = [
+            conversations[order[(it * s.batch_size + j) % len(order)]] for j in range(s.batch_size)
+        ]  # cycled
         # 1. rollout and score (no gradients)
-        roll = sample_rollout(policy, tokenizer, batch, max_new_tokens=s.max_new_tokens,
-                              temperature=s.temperature, seed=s.seed * 100_003 + it)
+        roll = sample_rollout(
+            policy,
+            tokenizer,
+            batch,
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            seed=s.seed * 100_003 + it,
+        )
         mask = roll.response_mask
         with torch.no_grad():
             old_logp, entropy = token_logprobs(policy, roll, s.temperature)
             ref_logp, _ = token_logprobs(reference, roll, s.temperature)
             old_values = token_values(value_model, roll)
-            raw = (rollout_scores(reward_model, tokenizer, roll) if isinstance(reward_model, torch.nn.Module)
-                   else torch.as_tensor(reward_model(roll), dtype=torch.float32, device=mask.device))
+            raw = (
+                rollout_scores(reward_model, tokenizer, roll)
+                if isinstance(reward_model, torch.nn.Module)
+                else torch.as_tensor(reward_model(roll), dtype=torch.float32, device=mask.device)
+            )
             score = (raw - mean) / std - s.missing_eos_penalty * (~roll.finished).float()
             # 2. per-token rewards, advantages and returns
             rewards = per_token_rewards(score, old_logp, ref_logp, mask, s.kl_coef)
@@ -389,7 +358,7 @@ def train_ppo(policy, reference, value_model, reward_model, tokenizer, conversat
         for _ in range(s.ppo_epochs):
             perm = torch.randperm(len(roll), generator=g)
             for i in range(0, len(roll), s.minibatch_size):
-                idx = perm[i:i + s.minibatch_size]
+                idx = perm[i : i + s.minibatch_size]
                 sub = roll.subset(idx)  # trimmed to these rows' longest prompt and answer
                 w, m = sub.response.shape[1], sub.response_mask
                 logp, _ = token_logprobs(policy, sub, s.temperature)
@@ -398,7 +367,9 @@ def train_ppo(policy, reference, value_model, reward_model, tokenizer, conversat
                 pl.backward()
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
                 opt_policy.step()
-                vl = ppo_value_loss(token_values(value_model, sub), old_values[idx, :w], returns[idx, :w], m, s.value_clip)
+                vl = ppo_value_loss(
+                    token_values(value_model, sub), old_values[idx, :w], returns[idx, :w], m, s.value_clip
+                )
                 opt_value.zero_grad(set_to_none=True)
                 vl.backward()
                 torch.nn.utils.clip_grad_norm_(value_model.parameters(), 1.0)
@@ -410,13 +381,19 @@ def train_ppo(policy, reference, value_model, reward_model, tokenizer, conversat
                     stats["clipfrac"].append(masked_mean(((ratio - 1).abs() > s.clip).float(), m).item())
                     stats["approx_kl"].append(masked_mean(old_logp[idx, :w] - logp, m).item())
         kl = ((old_logp - ref_logp) * mask).sum(1)
-        history.append({
-            "iteration": it + 1, "reward": float(raw.mean()), "score": float(score.mean()),
-            **({"gold": sum(gold_scores(roll)) / len(roll)} if gold else {}), "kl": float(kl.mean()),
-            "entropy": float(masked_mean(entropy, mask)), "finished": float(roll.finished.float().mean()),
-            "length": float(mask.sum(1).float().mean()),
-            **{k: sum(v) / len(v) for k, v in stats.items()},
-        })
+        history.append(
+            {
+                "iteration": it + 1,
+                "reward": float(raw.mean()),
+                "score": float(score.mean()),
+                **({"gold": sum(gold_scores(roll)) / len(roll)} if gold else {}),
+                "kl": float(kl.mean()),
+                "entropy": float(masked_mean(entropy, mask)),
+                "finished": float(roll.finished.float().mean()),
+                "length": float(mask.sum(1).float().mean()),
+                **{k: sum(v) / len(v) for k, v in stats.items()},
+            }
+        )
         if callback is not None:
             callback(it + 1, history)
         bar.set_postfix(reward=f"{history[-1]['score']:.2f}", kl=f"{history[-1]['kl']:.2f}")

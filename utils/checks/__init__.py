@@ -1,0 +1,71 @@
+"""Checker cells: run a learner's function on several inputs and say what is wrong, in words.
+
+Each ``check_*`` compares against the maintained library's computation where one exists, tries
+edge cases, and - when the answer is wrong - recognises the common mistakes by recomputing them,
+so the message names the bug ("you did not shift the labels") rather than just "mismatch".
+A checker that passes prints one line; one that fails raises :class:`CheckError`.
+
+Layout, in course order, over one small core (everything is re-exported here, so notebooks and
+tests write ``from utils.checks import check_...``):
+
+- ``core``: the framework - :class:`CheckError`, :func:`call_learner`, :func:`expect_tensor`,
+  :func:`passed`, the loss verdict, and :func:`compare_with_trl_trainer`, the harness that
+  compares a loss with a TRL trainer's on one real batch (used by Chapters 3, 4 and 5);
+- ``ch1_pretraining``: the next-token loss, sampling the next token;
+- ``ch2_sft``: labels, collation, the SFT loss, counting trainable parameters;
+- ``ch3_rlhf``: the Bradley-Terry loss (vs ``trl.RewardTrainer``), per-token rewards, GAE,
+  PPO's policy and value losses;
+- ``ch4_dpo``: summed sequence log-probabilities, the DPO loss (vs ``trl.DPOTrainer``);
+- ``ch5_orpo``: averaged log-probabilities, log odds, the ORPO loss (vs TRL's ``ORPOTrainer``);
+- ``project2``: checkpoints that run the learner's reward-model and policy training, the
+  win-rate matrix.
+"""
+
+from .ch1_pretraining import check_next_token_loss, check_sample_next_token
+from .ch2_sft import check_build_labels, check_collate, check_count_trainable, check_sft_loss
+from .ch3_rlhf import (
+    check_bradley_terry_loss,
+    check_gae,
+    check_per_token_rewards,
+    check_ppo_policy_loss,
+    check_ppo_value_loss,
+)
+from .ch4_dpo import check_dpo_loss, check_sequence_logprobs
+from .ch5_orpo import check_average_logprobs, check_log_odds, check_orpo_loss
+from .core import (
+    CheckError,
+    _loss_verdict,  # noqa: F401 - kept importable from utils.checks, as before the split into modules
+    _scalar,  # noqa: F401 - kept importable from utils.checks, as before the split into modules
+    call_learner,
+    compare_with_trl_trainer,
+    expect_tensor,
+    passed,
+)
+from .project2 import check_policy_run, check_reward_model_run, check_win_rate_matrix
+
+__all__ = [
+    "CheckError",
+    "call_learner",
+    "expect_tensor",
+    "passed",
+    "compare_with_trl_trainer",
+    "check_next_token_loss",
+    "check_sample_next_token",
+    "check_build_labels",
+    "check_collate",
+    "check_sft_loss",
+    "check_count_trainable",
+    "check_bradley_terry_loss",
+    "check_per_token_rewards",
+    "check_gae",
+    "check_ppo_policy_loss",
+    "check_ppo_value_loss",
+    "check_sequence_logprobs",
+    "check_dpo_loss",
+    "check_average_logprobs",
+    "check_log_odds",
+    "check_orpo_loss",
+    "check_reward_model_run",
+    "check_policy_run",
+    "check_win_rate_matrix",
+]

@@ -1,0 +1,235 @@
+"""Chapter 2 checkers: supervised fine-tuning (labels, collation, the SFT loss, trainable parameters)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .ch1_pretraining import _library_next_token_loss, _loss_mistakes
+from .core import CheckError, call_learner, expect_tensor, passed
+
+
+def _as_list(value, name: str) -> list[int]:
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise CheckError(f"`{name}` should return a list (or 1-D tensor) of ints, got {type(value).__name__}")
+    return [int(v) for v in value]
+
+
+def check_build_labels(fn) -> None:
+    """``fn(input_ids: list[int], assistant_mask: list[int]) -> list[int]`` (not shifted, -100 elsewhere)."""
+    name = getattr(fn, "__name__", "build_labels")
+    cases = [
+        ([3, 10, 11, 12, 5, 4, 20, 21, 5], [0, 0, 0, 0, 0, 0, 1, 1, 1]),  # one turn
+        ([3, 10, 5, 4, 20, 5, 3, 11, 5, 4, 21, 22, 5], [0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1, 1]),  # two turns
+        ([4, 7, 5], [1, 1, 1]),  # everything is the assistant's
+    ]
+    for ids, mask in cases:
+        got = _as_list(call_learner(fn, name, list(ids), list(mask)), name)
+        want = [t if m else -100 for t, m in zip(ids, mask)]
+        if got == want:
+            continue
+        if len(got) != len(ids):
+            raise CheckError(
+                f"`{name}` returned {len(got)} labels for {len(ids)} tokens: one label per token, "
+                "not shifted (the model shifts when it computes the loss)"
+            )
+        if got == list(ids):
+            raise CheckError(
+                f"`{name}` returned the input ids unchanged: the prompt is not masked, so the model "
+                "would be trained to write the user's turns too. Put -100 where assistant_mask is 0"
+            )
+        if got == [-100 if m else t for t, m in zip(ids, mask)]:
+            raise CheckError(
+                f"`{name}` masked the assistant's tokens and kept the prompt: it is the other way round"
+            )
+        if got == ids[1:] + [-100] or got == [
+            (ids[i + 1] if i + 1 < len(ids) and mask[i + 1] else -100) for i in range(len(ids))
+        ]:
+            raise CheckError(
+                f"`{name}` shifted the labels by one: keep labels aligned with input_ids; the loss "
+                "(or the model) does the shift"
+            )
+        if got == [t if m else 0 for t, m in zip(ids, mask)] or got == [
+            t if m else -1 for t, m in zip(ids, mask)
+        ]:
+            raise CheckError(
+                f"`{name}` used {got[0]} for masked positions: PyTorch's cross-entropy skips -100 "
+                "(ignore_index), not 0 or -1"
+            )
+        raise CheckError(f"`{name}` gave {got} for input_ids={ids}, assistant_mask={mask}; expected {want}")
+    passed(
+        f"`{name}`: prompt masked with -100, assistant tokens (and their end token) kept, "
+        "one- and two-turn cases"
+    )
+
+
+def check_collate(fn, pad_id: int = 0) -> None:
+    """``fn(examples: list[{"input_ids", "labels"}], pad_id)
+    -> {"input_ids", "labels", "attention_mask"}``."""
+    name = getattr(fn, "__name__", "collate")
+    examples = [
+        {"input_ids": [3, 10, 5, 4, 20, 5], "labels": [-100, -100, -100, -100, 20, 5]},
+        {"input_ids": [3, 11, 12, 13, 5, 4, 21, 22, 5], "labels": [-100] * 6 + [21, 22, 5]},
+        {"input_ids": [4, 7, 5], "labels": [4, 7, 5]},
+    ]
+    out = call_learner(fn, name, [dict(e) for e in examples], pad_id)
+    if not isinstance(out, dict) or not {"input_ids", "labels", "attention_mask"} <= set(out):
+        raise CheckError(
+            f"`{name}` should return a dict with input_ids, labels and attention_mask; got "
+            f"{type(out).__name__} {sorted(out) if isinstance(out, dict) else ''}"
+        )
+    from ..sft import collate as reference
+
+    want = reference(examples, pad_id)
+    for key in ("input_ids", "labels", "attention_mask"):
+        got = expect_tensor(out[key], f"{name}(...)['{key}']", shape=tuple(want[key].shape))
+        if got.dtype != torch.long:
+            raise CheckError(f"`{name}(...)['{key}']` should be torch.long (integer ids), got {got.dtype}")
+        if torch.equal(got, want[key]):
+            continue
+        if key == "input_ids" and torch.equal(
+            got.flip(1),
+            reference(
+                [{**e, "input_ids": e["input_ids"][::-1], "labels": e["labels"][::-1]} for e in examples],
+                pad_id,
+            )["input_ids"],
+        ):
+            raise CheckError(
+                f"`{name}` padded on the left: pad on the right for training (positions stay 0..n-1)"
+            )
+        if key == "labels" and torch.equal(
+            got, torch.where(want["attention_mask"].bool(), want["labels"], pad_id)
+        ):
+            raise CheckError(
+                f"`{name}` padded the labels with pad_id ({pad_id}): padding must be -100 so the loss "
+                "skips it, otherwise the model learns to predict padding"
+            )
+        if key == "attention_mask" and bool((got == 1).all()):
+            raise CheckError(f"`{name}` set attention_mask to 1 everywhere: padding positions must be 0")
+        raise CheckError(f"`{name}(...)['{key}']` is\n{got}\nexpected\n{want[key]}")
+    passed(f"`{name}`: right padding with pad_id, labels padded with -100, attention mask 0 on padding")
+
+
+def _sft_loss_cases():
+    g = torch.Generator().manual_seed(1)
+    cases = []
+    for batch, seq, vocab in [(3, 12, 9), (2, 6, 7), (4, 10, 11)]:
+        logits = torch.randn(batch, seq, vocab, generator=g) * 2
+        labels = torch.full((batch, seq), -100)
+        for i in range(batch):  # prompts of different lengths, responses of very different lengths
+            start = 1 + (i * 3) % (seq - 2)
+            stop = seq - (i % 2) * 2
+            labels[i, start:stop] = torch.randint(0, vocab, (stop - start,), generator=g)
+        cases.append((logits, labels))
+    return cases
+
+
+def check_sft_loss(fn) -> None:
+    """``fn(logits[batch, seq, vocab], labels[batch, seq]) -> scalar``: the token-level mean over all
+    labelled response tokens of the batch (what ``transformers``/TRL compute)."""
+    name = getattr(fn, "__name__", "sft_loss")
+    for i, (logits, labels) in enumerate(_sft_loss_cases()):
+        logits = logits.clone().requires_grad_(True)
+        got = expect_tensor(call_learner(fn, name, logits, labels.clone()), name)
+        if got.dim() != 0:
+            raise CheckError(f"`{name}` should return a scalar, got shape {tuple(got.shape)}")
+        want = _library_next_token_loss(logits.detach(), labels)
+        if torch.allclose(got.detach().float(), want, atol=1e-5, rtol=1e-5):
+            if not got.requires_grad:
+                raise CheckError(
+                    f"`{name}`'s result is detached from the logits: training needs its gradient"
+                )
+            continue
+        v = logits.size(-1)
+        per_token = F.cross_entropy(
+            logits.detach()[:, :-1].reshape(-1, v),
+            labels[:, 1:].reshape(-1),
+            ignore_index=-100,
+            reduction="none",
+        ).view(labels.size(0), -1)
+        mask = labels[:, 1:] != -100
+        per_seq = (per_token.sum(1) / mask.sum(1)).mean()
+        hint = "compare with the next-token loss of Chapter 1: shift, skip -100, average over labelled tokens"
+        if torch.allclose(got.detach().float(), per_seq, atol=1e-5):
+            hint = (
+                "you averaged within each sequence and then over the batch: that gives a short answer "
+                "as much weight as a long one. Average over all labelled tokens of the batch at once"
+            )
+        else:
+            for wrong, message in _loss_mistakes(logits.detach(), labels):
+                try:
+                    if torch.allclose(got.detach().float(), wrong().float(), atol=1e-5, rtol=1e-5):
+                        hint = message
+                        break
+                except Exception:  # noqa: BLE001
+                    continue
+        raise CheckError(
+            f"`{name}` gave {got.item():.5f} on case {i} "
+            f"where the library's loss is {want.item():.5f}: {hint}"
+        )
+    passed(
+        f"`{name}` matches transformers' causal-LM loss on 3 prompt-masked batches "
+        "with uneven response lengths"
+    )
+
+
+def check_count_trainable(fn) -> None:
+    """``fn(model) -> int``: parameters with ``requires_grad``, each tensor counted once."""
+    name = getattr(fn, "__name__", "count_trainable")
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        full = LlamaForCausalLM(cfg)
+        lora = get_peft_model(
+            LlamaForCausalLM(cfg),
+            LoraConfig(
+                r=4,
+                lora_alpha=8,
+                target_modules=["q_proj", "v_proj"],
+                lora_dropout=0.0,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    want_full = sum(p.numel() for p in full.parameters() if p.requires_grad)
+    want_lora = lora.get_nb_trainable_parameters()[0]
+    for model, want, what in [
+        (full, want_full, "a fully trainable model with tied embeddings"),
+        (lora, want_lora, "a LoRA model (peft)"),
+    ]:
+        got = call_learner(fn, name, model)
+        if isinstance(got, torch.Tensor):
+            got = got.item()
+        if not isinstance(got, int) or isinstance(got, bool):
+            raise CheckError(f"`{name}` should return an int (a count), got {type(got).__name__} {got!r}")
+        if got == want:
+            continue
+        total = sum(p.numel() for p in model.parameters())
+        stated = sum(t.numel() for t in model.state_dict().values())
+        if got == total:
+            hint = "it counts frozen parameters too: keep only those with requires_grad"
+        elif got == stated:
+            hint = (
+                "it counts the state_dict, where tied weights appear twice and frozen ones are included: "
+                "iterate over model.parameters()"
+            )
+        else:
+            hint = "count p.numel() for each p in model.parameters() with p.requires_grad"
+        raise CheckError(f"`{name}` gave {got:,} for {what}; peft/PyTorch count {want:,}: {hint}")
+    passed(
+        f"`{name}` agrees with peft's get_nb_trainable_parameters ({want_lora:,} of "
+        f"{lora.get_nb_trainable_parameters()[1]:,}) and with tied embeddings counted once"
+    )

@@ -1,0 +1,146 @@
+"""The checker framework: calling the learner's function, judging its answer, and one harness that
+compares a loss with a TRL trainer's on a real batch."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+
+class CheckError(AssertionError):
+    """A learner's function gave a wrong answer; the message says what to fix."""
+
+
+def call_learner(fn, name: str, *args, **kwargs):
+    """Call the learner's ``fn``, turning the usual early failures into helpful messages."""
+    if not callable(fn):
+        raise CheckError(f"expected a function for `{name}`, got {type(fn).__name__}")
+    try:
+        inspect.signature(fn).bind(*args, **kwargs)
+    except TypeError as e:
+        raise CheckError(
+            f"`{name}` has the wrong signature {inspect.signature(fn)}: it must accept "
+            f"{_describe_args(args, kwargs)} ({e})"
+        ) from None
+    try:
+        return fn(*args, **kwargs)
+    except NotImplementedError:
+        raise CheckError(
+            f"`{name}` is not implemented yet: replace `raise NotImplementedError()` "
+            "in its cell with your code, run that cell, then run this check again."
+        ) from None
+
+
+def _describe_args(args, kwargs) -> str:
+    parts = [f"{type(a).__name__}" for a in args] + [f"{k}=" for k in kwargs]
+    return "(" + ", ".join(parts) + ")"
+
+
+def expect_tensor(value, name: str, shape: tuple | None = None, dtype=None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise CheckError(f"`{name}` should return a torch.Tensor, got {type(value).__name__}")
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise CheckError(f"`{name}` returned shape {tuple(value.shape)}; expected {tuple(shape)}")
+    if dtype is not None and value.dtype != dtype:
+        raise CheckError(f"`{name}` returned dtype {value.dtype}; expected {dtype}")
+    return value
+
+
+def _scalar(got, name: str) -> torch.Tensor:
+    """A loss: one number, or a tuple whose first element is one."""
+    got = expect_tensor(got[0] if isinstance(got, tuple) else got, name)
+    if got.dim() != 0:
+        raise CheckError(
+            f"`{name}` should return one number (the mean over the batch), got shape {tuple(got.shape)}"
+        )
+    return got
+
+
+def _loss_verdict(
+    got: torch.Tensor, want: torch.Tensor, name: str, where: str, mistakes, default_hint: str, detached: str
+) -> None:
+    """The common end of a loss checker. Returns if ``got`` equals ``want`` and carries a gradient;
+    otherwise raises, naming the first of ``mistakes()`` - ``(wrong value, hint)`` pairs, computed
+    only on failure - that ``got`` equals, or ``default_hint``.
+    The message reads "`name` gave <got> <where> <want>: <hint>"."""
+    if torch.allclose(got.detach(), want, atol=1e-5):
+        if not got.requires_grad:
+            raise CheckError(f"`{name}`'s result is detached{detached}")
+        return
+    hint = next(
+        (h for value, h in mistakes() if torch.allclose(got.detach(), value, atol=1e-5)), default_hint
+    )
+    raise CheckError(f"`{name}` gave {got.item():.5f} {where} {want.item():.5f}: {hint}")
+
+
+def passed(message: str) -> None:
+    print(f"[check passed] {message}")
+
+
+def compare_with_trl_trainer(
+    fn,
+    name: str,
+    *,
+    trainer_cls,
+    config_cls,
+    models: dict,
+    tokenizer,
+    pairs,
+    tag: str,
+    trl_loss,
+    learner_inputs,
+    who: str,
+    whose: str,
+    tol: float = 1e-4,
+    note: str = "",
+    **options,
+) -> str:
+    """Build ``trainer_cls`` on (at most) 16 of ``pairs`` and compare its loss on one collated batch
+    with the learner's ``fn``.
+
+    ``models`` are the trainer's model arguments (``{"model": ..., "ref_model": ...}``), deep-copied;
+    the first one's device decides CPU or not. ``options`` go to ``config_cls`` on top of the shared
+    settings (fp32, no logging, no saving, no progress bars). Under ``torch.no_grad()`` and in eval
+    mode, ``trl_loss(trainer, batch)`` gives the trainer's loss and ``learner_inputs(trainer, batch, n)``
+    the arguments for ``fn`` (``n`` pairs; the chapter-specific part). Raises :class:`CheckError`
+    if the two losses differ by more than ``tol`` - "... `name` gives <got> but <who> gives <want><note>" -
+    and otherwise returns the end of the pass message: ", and equals <whose> loss on n real pairs (...)".
+    """
+    import copy
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    data = pairs.select_columns(["prompt", "chosen", "rejected"]).select(range(min(16, len(pairs))))
+    on_cpu = next(next(iter(models.values())).parameters()).device.type == "cpu"
+    args = config_cls(
+        output_dir=f"/tmp/course-{tag}-check",
+        per_device_train_batch_size=len(data),
+        report_to=[],
+        save_strategy="no",
+        use_cpu=on_cpu,
+        bf16=False,
+        fp16=False,
+        disable_tqdm=True,
+        **options,
+    )
+    trainer = trainer_cls(
+        **{k: copy.deepcopy(m) for k, m in models.items()},
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(data))])
+    batch = {k: v.to(trainer.model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    n = len(data)
+    trainer.model.eval()
+    with torch.no_grad():
+        want = float(trl_loss(trainer, batch))
+        inputs = learner_inputs(trainer, batch, n)
+    got = _scalar(call_learner(fn, name, *inputs), name).item()
+    if abs(got - want) > tol:
+        raise CheckError(
+            f"on a batch of {n} real pairs `{name}` gives {got:.5f} but {who} gives {want:.5f}{note}"
+        )
+    return f", and equals {whose} loss on {n} real pairs ({want:.5f})"

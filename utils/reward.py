@@ -1,0 +1,126 @@
+"""The reward model (Chapter 3, Part 1): the SFT model with a scalar head, fitted to preference pairs.
+
+It is ``AutoModelForSequenceClassification`` with one label, which reads the last non-padding
+token - the layout ``trl.RewardTrainer`` trains - fitted with the Bradley-Terry loss
+``-log sigmoid(r(x, y_w) - r(x, y_l))`` (InstructGPT, eq. 1). Chapter 3 writes the loss and trains
+with ``RewardTrainer``; Project 2 calls :func:`train_reward_model`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+from .config import course_seed, seed_everything
+from .formats import require_columns
+from .progress import progress, quiet_transformers
+
+
+def bradley_terry_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) -> torch.Tensor:
+    """Mean of ``-log sigmoid(r_chosen - r_rejected)``: the negative log-likelihood of the labels."""
+    return -F.logsigmoid(reward_chosen - reward_rejected).mean()
+
+
+def reward_model_from(model, tokenizer):
+    """A scalar-head reward model whose backbone is a copy of ``model`` (the head starts at random)."""
+    from transformers import AutoModelForSequenceClassification
+
+    # errors only: "some weights were newly initialised" is the head, by design
+    with quiet_transformers(errors_only=True), tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        rm = AutoModelForSequenceClassification.from_pretrained(tmp, num_labels=1, use_safetensors=True)
+    rm.config.pad_token_id = tokenizer.pad_token_id
+    return rm.to(next(model.parameters()).device)
+
+
+def _encode(tokenizer, conversations, device):
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"  # the head reads the last non-padding token
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def reward_scores(
+    rm, tokenizer, prompts, completions, batch_size: int = 64, grad: bool = False
+) -> torch.Tensor:
+    """The reward of each (prompt, completion) pair; prompts and completions are message lists.
+
+    Returns ``[N]`` on the reward model's device (training needs it there, with ``grad``); call
+    ``.cpu()`` before mixing it with CPU data or calling ``.numpy()``.
+    """
+    device = next(rm.parameters()).device
+    out = []
+    with torch.set_grad_enabled(grad):
+        for i in range(0, len(prompts), batch_size):
+            convs = [p + c for p, c in zip(prompts[i : i + batch_size], completions[i : i + batch_size])]
+            out.append(rm(**_encode(tokenizer, convs, device)).logits[:, 0])
+    return torch.cat(out)
+
+
+def train_reward_model(
+    rm,
+    tokenizer,
+    pairs,
+    *,
+    epochs: int = 1,
+    lr: float = 1e-4,
+    batch_size: int = 32,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> list[dict]:
+    """Fit ``rm`` to ``prompt/chosen/rejected`` pairs with the Bradley-Terry loss."""
+    require_columns(pairs, ["prompt", "chosen", "rejected"], "reward-model training")
+    seed_everything(seed)
+    rows = pairs.select_columns(["prompt", "chosen", "rejected"]).to_list()
+    opt = torch.optim.AdamW(rm.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(course_seed(seed))
+    total = epochs * ((len(rows) + batch_size - 1) // batch_size)
+    history, bar = [], progress(total=total, desc="reward model", disable=not show_progress)
+    rm.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(rows), generator=g).tolist()
+        for i in range(0, len(order), batch_size):
+            chunk = [rows[j] for j in order[i : i + batch_size]]
+            prompts = [r["prompt"] for r in chunk]
+            rewards = reward_scores(
+                rm,
+                tokenizer,
+                prompts + prompts,
+                [r["chosen"] for r in chunk] + [r["rejected"] for r in chunk],
+                batch_size=2 * len(chunk),
+                grad=True,
+            )
+            rc, rr = rewards[: len(chunk)], rewards[len(chunk) :]
+            loss = bradley_terry_loss(rc, rr)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
+            opt.step()
+            history.append({"loss": loss.item(), "accuracy": (rc > rr).float().mean().item()})
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update(1)
+    bar.close()
+    rm.eval()
+    return history
+
+
+def pairwise_accuracy(rm, tokenizer, pairs) -> dict[str, float]:
+    """How often the reward model prefers the labelled-chosen answer; with gold scores present,
+    also how often it prefers the gold-better one (pairs with equal gold skipped)."""
+    rm.eval()
+    prompts = list(pairs["prompt"])
+    rc = reward_scores(rm, tokenizer, prompts, list(pairs["chosen"])).cpu()  # metrics are computed on the CPU
+    rr = reward_scores(rm, tokenizer, prompts, list(pairs["rejected"])).cpu()
+    out = {"vs_labels": float((rc > rr).float().mean())}
+    if "gold_chosen" in pairs.column_names:
+        gc, gr = torch.tensor(pairs["gold_chosen"]), torch.tensor(pairs["gold_rejected"])
+        decided = gc != gr
+        prefers_chosen = rc > rr
+        out["vs_gold"] = float((prefers_chosen == (gc > gr))[decided].float().mean())
+    return out
