@@ -234,10 +234,12 @@ def test_annotator_preferences_are_noisy_but_informative():
 
 # --- helpers -------------------------------------------------------------------------------
 def test_require_columns_names_the_missing_column():
+    from utils.formats import require_columns
+
     ds = Dataset.from_dict({"prompt": ["a"], "rejected": ["b"]})
     with pytest.raises(ValueError, match=r"DPO needs the column\(s\) \['chosen'\].*\['prompt', 'rejected'\]"):
-        D.require_columns(ds, ["prompt", "chosen", "rejected"], "DPO")
-    D.require_columns(ds, ["prompt"], "DPO")  # present: no error
+        require_columns(ds, ["prompt", "chosen", "rejected"], "DPO")
+    require_columns(ds, ["prompt"], "DPO")  # present: no error
 
 
 def test_pack_texts(tiny_tokenizer, corpus_texts):
