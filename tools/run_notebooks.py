@@ -179,7 +179,6 @@ def main(argv=None) -> int:
         claims_run = f"seed{run_seed()}"
     paths = args.notebooks or sorted((ROOT / "solutions").glob("*.ipynb"))
     os.environ.pop("MPLBACKEND", None)  # let the kernel use its inline backend, so figures are saved
-    results = []
     for path in paths:
         print(f"executing {path.name} ...", flush=True)
         r = execute(path.resolve(), save=not args.no_save, timeout=args.timeout, claims_run=claims_run)
@@ -188,9 +187,8 @@ def main(argv=None) -> int:
             f"({'within' if r['within_budget'] else 'OVER'} budget)",
             flush=True,
         )
-        results.append(r)
-    if not args.no_record:
-        write_results(results)
+        if not args.no_record:  # after each notebook: a later failure keeps the earlier measurements
+            write_results([r])
     if claims_run is not None:
         from claims_sweep import report
 
