@@ -477,3 +477,67 @@ def test_evaluate_scores_every_generation_with_the_judge(tiny_model, tiny_tokeni
         assert 1 <= row.n_tokens <= 6
     summary = evaluate.summarize(df)
     assert "all" in summary.index and summary.loc["all", "gold"] == pytest.approx(df["gold"].mean(), abs=1e-3)
+
+
+def test_best_of_n_picks_each_prompts_best_candidate_and_its_kl_is_closed_form():
+    import pandas as pd
+
+    frames = [
+        pd.DataFrame({"response": [f"c{k}-p{i}" for i in range(3)], "gold": [k, -k, 0]}) for k in range(3)
+    ]
+    scores = np.array([[0.0, 5.0, 1.0], [1.0, 0.0, 1.0], [2.0, 0.0, 0.0]])  # [n, prompts]
+    best = evaluate.best_of_n(frames, scores)
+    assert list(best["response"]) == ["c2-p0", "c0-p1", "c0-p2"]  # ties: the first of equals
+    with pytest.raises(ValueError, match="scores should be"):
+        evaluate.best_of_n(frames, scores.T[:2])
+    assert evaluate.best_of_n_kl(1) == 0.0
+    assert evaluate.best_of_n_kl(4) == pytest.approx(np.log(4) - 0.75)
+
+
+def test_response_logprobs_at_a_temperature_and_the_kl_of_a_sharper_model(tiny_model, tiny_tokenizer):
+    import torch
+
+    convs = list(data.eval_conversations(4)["prompt"])
+    answers = ["Alba is red.", "1 plus 1 is 2.", "no.", "Sorry, I can't help with that."]
+    at_1 = evaluate.response_logprobs(tiny_model, tiny_tokenizer, convs, answers)
+    assert torch.equal(
+        at_1, evaluate.response_logprobs(tiny_model, tiny_tokenizer, convs, answers, temperature=1.0)
+    )
+    sharp = evaluate.response_logprobs(tiny_model, tiny_tokenizer, convs, answers, temperature=0.5)
+    assert not torch.allclose(sharp, at_1)
+    # by hand: log-softmax of logits / T at each answer token
+    ex = sft.completion_example(tiny_tokenizer, convs[0], [{"role": "assistant", "content": answers[0]}])
+    ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
+    with torch.no_grad():
+        logits = tiny_model(input_ids=ids).logits[:, :-1] / 0.5
+    keep = labels[:, 1:] != -100
+    by_hand = (
+        logits.log_softmax(-1).gather(2, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)[keep].sum()
+    )
+    assert sharp[0].item() == pytest.approx(by_hand.item(), abs=1e-4)
+    assert evaluate.sequence_kl(tiny_model, tiny_model, tiny_tokenizer, convs, answers) == 0.0
+
+
+def test_answer_stats_counts_coreference_only_when_asked():
+    import pandas as pd
+
+    convs = [
+        [
+            {"role": "user", "content": "What colour is Alba?"},
+            {"role": "assistant", "content": "Alba is red."},
+            {"role": "user", "content": "Where does it live?"},
+        ]
+    ] * 3
+    answers = pd.DataFrame(
+        {
+            "response": ["Alba lives in the cave.", "Brix lives in the cave.", "cave."],
+            "rude": [False] * 3,
+            "finished": [True] * 3,
+            "correct": [True, False, True],
+            "refused": [False] * 3,
+        }
+    )
+    stats = evaluate.answer_stats(answers, convs, None, kl=0.5)
+    assert "right creature" not in stats and stats["KL to SFT"] == 0.5
+    stats = evaluate.answer_stats(answers, convs, None, coreference=True)
+    assert stats["right creature"] == 0.5  # the terse answer names no creature: not counted

@@ -276,3 +276,18 @@ def test_lm_batches_is_deterministic_and_covers_every_block():
     for epoch in range(3):  # each epoch (two batches) sees every block exactly once
         rows = torch.cat(a[2 * epoch : 2 * epoch + 2])[:, 0].div(4, rounding_mode="floor")
         assert sorted(rows.tolist()) == list(range(10))
+
+
+def test_dialogue_conversations_mix_kinds_and_never_share_an_opener_across_splits():
+    test = D.dialogue_conversations(400, split="test", seed=0, arithmetic=0.25)
+    train = D.dialogue_conversations(400, split="train", seed=1, arithmetic=0.25)
+    for ds, split in ((test, "test"), (train, "train")):
+        kinds = list(ds["kind"])
+        assert kinds.count("arithmetic") == 100 and set(kinds) == {"fact", "unsafe", "arithmetic"}
+        assert len({tuple(m["content"] for m in p) for p in ds["prompt"]}) == 400  # distinct
+        assert all(split_of(p[0]["content"]) == split for p in ds["prompt"])
+        for p, k in zip(ds["prompt"], kinds):
+            req = parse_request(p, make_world())
+            assert len(p) == 3 and req.kind == {"arithmetic": "math"}.get(k, k)
+    assert not {p[0]["content"] for p in test["prompt"]} & {p[0]["content"] for p in train["prompt"]}
+    assert D.dialogue_conversations(400, split="test", seed=0)["prompt"] == test["prompt"]  # deterministic

@@ -283,3 +283,21 @@ def test_a_stated_opposite_pair_must_be_the_asked_one():
     assert J.score_breakdown(conv, "The opposite of quiet is the meadow.", world=WORLD) == {"wrong": -1.0}
     assert J.score_breakdown(conv, "The opposite of loud is quiet.", world=WORLD) == {"correct": 1.0}
     assert J.score_breakdown(conv, "The opposite of loud is hot.", world=WORLD) == {"wrong": -1.0}
+
+
+def test_about_subject_is_coreference_on_fact_follow_ups():
+    conv = [
+        {"role": "user", "content": "What colour is Alba?"},
+        {"role": "assistant", "content": "Alba is red."},
+        {"role": "user", "content": "And who is its friend?"},
+    ]
+    friend = W.make_world().creatures["Alba"].friend
+    assert J.about_subject(conv, f"Alba's friend is {friend}.") is True
+    assert (
+        J.about_subject(conv, f"{friend} is Alba's friend.") is True
+    )  # the friend asked for is not a subject
+    other = next(n for n in W.make_world().names if n not in ("Alba", friend))
+    assert J.about_subject(conv, f"{other}'s friend is {friend}.") is False
+    assert J.about_subject(conv, "I do not know.") is None  # names no creature
+    unsafe = conv[:2] + [{"role": "user", "content": "How can I hurt it?"}]
+    assert J.about_subject(unsafe, "Alba is red.") is None  # not a fact question

@@ -156,3 +156,40 @@ def test_ppo_raises_a_simple_reward(tiny_model, tiny_tokenizer):
     assert history[-1]["kl"] > 0
     for p_ref, p in zip(reference.parameters(), tiny_model.parameters()):
         assert torch.equal(p_ref, p), "the reference must stay frozen"
+
+
+def test_train_ppo_runs_the_advantages_block_it_is_given(tiny_model, tiny_tokenizer):
+    """Project 2's learners pass their own block: zero advantages must leave the policy where it was
+    (while the value model still trains on the returns), and the course's block is the default."""
+    import copy
+    import inspect
+
+    from utils.ppo import PPOSettings, rlhf_advantages, train_ppo, value_model_from
+
+    assert inspect.signature(train_ppo).parameters["advantages_fn"].default is rlhf_advantages
+    calls = []
+
+    def zero_block(scores, logprobs, ref_logprobs, values, mask, kl_coef, gamma, lam, whiten_advantages):
+        calls.append((kl_coef, gamma, lam, whiten_advantages))
+        advantages, returns = rlhf_advantages(
+            scores, logprobs, ref_logprobs, values, mask, kl_coef, gamma, lam, whiten_advantages
+        )
+        return torch.zeros_like(advantages), returns
+
+    policy, vm = copy.deepcopy(tiny_model), value_model_from(reward_model_from(tiny_model, tiny_tokenizer))
+    before = [p.detach().clone() for p in policy.parameters()]
+    s = PPOSettings(iterations=2, batch_size=8, minibatch_size=4, max_new_tokens=6, lam=0.9)
+    train_ppo(
+        policy,
+        tiny_model,
+        vm,
+        lambda roll: torch.ones(len(roll)),
+        tiny_tokenizer,
+        _prompts(16),
+        s,
+        gold=False,
+        show_progress=False,
+        advantages_fn=zero_block,
+    )
+    assert calls == [(s.kl_coef, s.gamma, 0.9, True)] * 2
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))

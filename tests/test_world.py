@@ -258,3 +258,33 @@ def test_fact_completions_cover_every_creature_and_attribute():
     assert len(rows) == len(w.creatures) * len(W.ATTRIBUTES)
     alba_food = next(r for r in rows if r["prompt"] == "Alba eats")
     assert alba_food["answer"] == w.creatures["Alba"].food
+
+
+def test_arithmetic_follow_ups_go_on_from_the_previous_result():
+    world = W.make_world()
+    conv = [
+        {"role": "user", "content": "What is 7 plus 4?"},
+        {"role": "assistant", "content": "7 plus 4 is 11."},
+        {"role": "user", "content": "And what is that minus 3?"},
+    ]
+    req = W.parse_request(conv, world)
+    assert (req.kind, req.attribute, req.expected, req.operands) == ("math", "minus", "8", (11, 3))
+    assert world.good_answer(req) == "11 minus 3 is 8."
+    over = conv[:2] + [{"role": "user", "content": "Now add 10 to that."}]
+    assert W.parse_request(over, world) is None  # 21 is beyond TinyWorld's numbers
+    after_fact = [{"role": "user", "content": "What colour is Alba?"}] + conv[1:]
+    assert W.parse_request(after_fact, world) is None  # "that" needs an earlier sum
+    assert W.parse_request([conv[-1]], world) is None  # and an earlier turn
+
+
+def test_math_dialogues_stay_in_range_and_their_good_answer_scores_one():
+    from utils import judge as J
+
+    world, rng = W.make_world(), random.Random(0)
+    for _ in range(300):
+        conv = W.make_math_dialogue(world, rng)
+        req = W.parse_request(conv, world)
+        assert req is not None and req.kind == "math" and 0 <= int(req.expected) <= W.MAX_NUMBER
+        assert J.score(conv, world.good_answer(req)) == 1.0
+    with pytest.raises(ValueError, match="not an arithmetic question"):
+        W.make_math_dialogue(world, rng, "What colour is Alba?")

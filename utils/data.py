@@ -27,7 +27,9 @@ from .world import (
     annotate,
     dialogue_first_turns,
     make_dialogue,
+    make_math_dialogue,
     make_world,
+    math_dialogue_first_turns,
     parse_request,
     pretraining_documents,
     single_turn_prompts,
@@ -122,6 +124,41 @@ def eval_conversations(
             rows.append({"prompt": conv, "kind": "dialogue"})
     if len(seen) < n_dialogue:
         raise ValueError(f"could not draw {n_dialogue} distinct dialogues from the {split!r} split")
+    return Dataset.from_list(rows)
+
+
+def dialogue_conversations(
+    n: int = 800, split: str = "test", seed: int = 0, arithmetic: float = 0.25, world: World | None = None
+) -> Dataset:
+    """Distinct two-turn dialogues whose opener is from ``split``: ``prompt`` (messages up to the
+    second user turn) and ``kind``, the follow-up's: ``"fact"`` ("And where does it live?"),
+    ``"unsafe"`` ("How can I hurt it?") or, for an ``arithmetic`` fraction, ``"arithmetic"``
+    ("And what is that plus 3?", after a sum). Project 2's training and evaluation dialogues.
+    """
+    world = world or make_world()
+    rng = random.Random(f"dialogues-{split}-{seed}")
+    n_math = int(round(n * arithmetic))
+    openers = [t for _, t in dialogue_first_turns(world) if split_of(t) == split]
+    math_openers = [t for t in math_dialogue_first_turns(world) if split_of(t) == split]
+    rows, seen = [], set()
+    for want, draw in (
+        (n - n_math, lambda: make_dialogue(world, rng, rng.choice(openers))),
+        (n_math, lambda: make_math_dialogue(world, rng, rng.choice(math_openers))),
+    ):
+        kept = 0
+        for _ in range(50 * want):
+            if kept == want:
+                break
+            conv = draw()
+            key = tuple(m["content"] for m in conv)
+            if key not in seen:
+                seen.add(key)
+                kind = parse_request(conv, world).kind
+                rows.append({"prompt": conv, "kind": "arithmetic" if kind == "math" else kind})
+                kept += 1
+        if kept < want:
+            raise ValueError(f"could not draw {n} distinct dialogues from the {split!r} split")
+    rng.shuffle(rows)
     return Dataset.from_list(rows)
 
 

@@ -105,8 +105,11 @@ def win_rate(scores_a, scores_b, n_boot: int = 2000, seed: int = 0) -> dict[str,
 
 
 @torch.no_grad()
-def response_logprobs(model, tokenizer, prompts, responses, batch_size: int = 64) -> torch.Tensor:
-    """``log pi(response | prompt)`` summed over the response's tokens (its end token included), per pair."""
+def response_logprobs(
+    model, tokenizer, prompts, responses, batch_size: int = 64, temperature: float = 1.0
+) -> torch.Tensor:
+    """``log pi(response | prompt)`` summed over the response's tokens (its end token included), per pair;
+    with ``temperature``, of the distribution sampled at that temperature (logits divided by it)."""
     model.eval()
     device = next(model.parameters()).device
     out = []
@@ -117,16 +120,36 @@ def response_logprobs(model, tokenizer, prompts, responses, batch_size: int = 64
         ]
         batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out.append(sequence_logprobs(logits, batch["labels"]).cpu())
+        out.append(sequence_logprobs(logits.float() / temperature, batch["labels"]).cpu())
     return torch.cat(out)
 
 
-def sequence_kl(policy, reference, tokenizer, prompts, responses) -> float:
+def sequence_kl(policy, reference, tokenizer, prompts, responses, temperature: float = 1.0) -> float:
     """Monte-Carlo estimate of KL(policy || reference) in nats per response, from responses
-    *sampled from the policy*: the mean of ``log pi(y|x) - log pi_ref(y|x)``."""
-    lp = response_logprobs(policy, tokenizer, prompts, responses)
+    *sampled from the policy* (at ``temperature``): the mean of ``log pi(y|x) - log pi_ref(y|x)``,
+    the reference taken at temperature 1."""
+    lp = response_logprobs(policy, tokenizer, prompts, responses, temperature=temperature)
     lr = response_logprobs(reference, tokenizer, prompts, responses)
     return float((lp - lr).mean())
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || base) in nats when the n samples are distinct: ``log n - (n - 1) / n``
+    (Stiennon et al. 2020; an upper bound when samples can repeat, Beirami et al. 2024)."""
+    return float(np.log(n) - (n - 1) / n)
+
+
+def best_of_n(candidates: list[pd.DataFrame], scores) -> pd.DataFrame:
+    """Best-of-n selection: ``candidates`` are ``n`` frames of :func:`evaluate` on the same prompts
+    (``n`` samples per prompt), ``scores`` ``[n, prompts]`` how a ranker scores each; returns, per
+    prompt, the row of the highest-scoring candidate (the first of equals)."""
+    scores = np.asarray(scores, float)
+    if scores.shape != (len(candidates), len(candidates[0])):
+        want = f"[n={len(candidates)}, prompts={len(candidates[0])}]"
+        raise ValueError(f"scores should be {want}, got {list(scores.shape)}")
+    pick = scores.argmax(0)
+    rows = [candidates[k].iloc[i] for i, k in enumerate(pick)]
+    return pd.DataFrame(rows).reset_index(drop=True)
 
 
 def measure(
@@ -142,24 +165,70 @@ def measure(
     unsafe=None,
     reference_name: str = "SFT",
     seed: int = 3,
+    temperature: float = 1.0,
+    coreference: bool = False,
 ):
     """What every chapter's results table reports about one model, on the same prompts.
 
-    Samples one answer per prompt (temperature 1, ``seed``) and, with ``greedy``, one greedy answer,
+    Samples one answer per prompt (at ``temperature``, ``seed``) and, with ``greedy``, one greedy answer,
     both scored by :func:`evaluate` (the gold judge, or ``judge``). Returns ``(sampled, greedy, stats)``:
-    the two per-prompt frames (``greedy`` is ``None`` without it) and a dict of the sampled answers'
+    the two per-prompt frames (``greedy`` is ``None`` without it) and :func:`answer_stats` of the
+    sampled answers, with ``"KL to SFT"`` (named after ``reference_name``): :func:`sequence_kl` to
+    ``reference`` at temperature 1, 0 for the reference itself sampled at temperature 1.
+    """
+    prompts = list(prompts)
+    sampled = evaluate(
+        model,
+        tokenizer,
+        prompts,
+        kinds=kinds,
+        do_sample=True,
+        temperature=temperature,
+        seed=seed,
+        judge=judge,
+    )
+    greedy_df = evaluate(model, tokenizer, prompts, kinds=kinds, judge=judge) if greedy else None
+    kl = (
+        0.0
+        if model is reference and temperature == 1.0
+        else sequence_kl(model, reference, tokenizer, prompts, list(sampled["response"]), temperature)
+    )
+    stats = answer_stats(
+        sampled,
+        prompts,
+        tokenizer,
+        kl=kl,
+        reward=reward,
+        unsafe=unsafe,
+        reference_name=reference_name,
+        coreference=coreference,
+    )
+    return sampled, greedy_df, stats
+
+
+def answer_stats(
+    answers: pd.DataFrame,
+    prompts,
+    tokenizer,
+    *,
+    kl: float = np.nan,
+    reward=None,
+    unsafe=None,
+    reference_name: str = "SFT",
+    coreference: bool = False,
+) -> dict:
+    """What a results table reports about one set of answers (a frame of :func:`evaluate`), beyond gold:
 
     * ``"learned reward"``: the mean score of ``reward = (reward_model, mean, std)`` in those units
       (the SFT model's answers score about 0), when ``reward`` is given;
-    * ``"KL to SFT"`` (named after ``reference_name``): :func:`sequence_kl` to ``reference``, 0 for
-      the reference;
+    * ``"KL to SFT"`` (named after ``reference_name``): ``kl``, as measured by the caller;
     * ``"words"``, ``"rude"``, ``"finished"`` and, where the judge knows it, ``"correct"``;
-    * with ``unsafe`` (a boolean per prompt): ``"refuses unsafe"`` and ``"refuses harmless"``.
+    * with ``unsafe`` (a boolean per prompt): ``"refuses unsafe"`` and ``"refuses harmless"``;
+    * with ``coreference`` (TinyWorld dialogues), ``"right creature"``: of the answers to fact
+      follow-ups that name a creature, the share whose subject is the creature the dialogue is
+      about (:func:`utils.judge.about_subject`).
     """
-    prompts = list(prompts)
-    sampled = evaluate(model, tokenizer, prompts, kinds=kinds, do_sample=True, seed=seed, judge=judge)
-    greedy_df = evaluate(model, tokenizer, prompts, kinds=kinds, judge=judge) if greedy else None
-    stats = {}
+    prompts, sampled, stats = list(prompts), answers, {}
     if reward is not None:
         from .reward import reward_scores
 
@@ -172,11 +241,6 @@ def measure(
                 [[{"role": "assistant", "content": t}] for t in sampled["response"]],
             ).cpu()
         stats["learned reward"] = ((learned - mean) / std).mean().item()
-    kl = (
-        0.0
-        if model is reference
-        else sequence_kl(model, reference, tokenizer, prompts, list(sampled["response"]))
-    )
     stats[f"KL to {reference_name}"] = kl
     stats["words"] = sampled["response"].map(lambda t: len(t.split())).mean()
     stats["rude"] = sampled["rude"].mean()
@@ -187,7 +251,11 @@ def measure(
         unsafe = np.asarray(unsafe, bool)
         stats["refuses unsafe"] = sampled["refused"][unsafe].mean() if unsafe.any() else np.nan
         stats["refuses harmless"] = sampled["refused"][~unsafe].mean()
-    return sampled, greedy_df, stats
+    if coreference:
+        about = [judge_rules.about_subject(p, r) for p, r in zip(prompts, sampled["response"])]
+        named = [a for a in about if a is not None]
+        stats["right creature"] = float(np.mean(named)) if named else np.nan
+    return stats
 
 
 def results_table(results: dict, baseline: str = "SFT") -> pd.DataFrame:

@@ -94,6 +94,23 @@ def _correct(req: Request, response: str, world: World) -> bool:
     raise ValueError(req.kind)
 
 
+def about_subject(conversation: list[dict], response: str, world: World | None = None) -> bool | None:
+    """Whether an answer to a fact question is about the creature asked about (coreference).
+
+    ``None`` where it does not apply: the request is not a fact question, or the answer names no
+    creature (a terse "fish." is not counted either way). Otherwise ``True`` if the first creature
+    it names is the request's subject; the friend asked for does not count as naming a subject.
+    """
+    world = world or make_world()
+    req = parse_request(conversation, world)
+    if req is None or req.kind != "fact":
+        return None
+    named = [w for w in _words(response) if w in world.creatures]
+    if req.attribute == "friend":
+        named = [w for w in named if w != req.expected]
+    return named[0] == req.subject if named else None
+
+
 def score_breakdown(
     conversation: list[dict], response: str, finished: bool = True, world: World | None = None
 ) -> dict[str, float]:

@@ -79,6 +79,28 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
+def rlhf_advantages(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+    whiten_advantages: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block between a scored rollout and PPO's update: :func:`per_token_rewards`, then
+    :func:`gae`, then (optionally) :func:`whiten` the advantages (the returns stay unwhitened: they
+    are the value model's targets). scores ``[B]``; the rest ``[B, T]``. Returns ``(advantages, returns)``.
+    """
+    rewards = per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    if whiten_advantages:
+        advantages = whiten(advantages, mask)
+    return advantages, returns
+
+
 def ppo_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -298,6 +320,7 @@ def train_ppo(
     desc: str = "PPO",
     show_progress: bool = True,
     callback=None,
+    advantages_fn=rlhf_advantages,
 ) -> list[dict]:
     """Optimise ``policy`` against ``reward_model`` with PPO; ``reference`` is frozen.
 
@@ -310,8 +333,10 @@ def train_ppo(
     each, scores it, turns the scores into per-token rewards and advantages, and takes
     ``ppo_epochs`` passes of minibatch updates over the rollout. All models
     stay in eval mode (no dropout: the log-probabilities of the update must match the rollout's).
-    ``callback(iteration, history)`` runs after every iteration. Returns one dict per iteration; with
-    ``gold`` (TinyWorld prompts only) each records the gold judge's mean score of the rollout too.
+    ``callback(iteration, history)`` runs after every iteration. ``advantages_fn`` is the block from
+    scores to advantages, with :func:`rlhf_advantages`' signature (Project 2's learners write their
+    own). Returns one dict per iteration; with ``gold`` (TinyWorld prompts only) each records the gold
+    judge's mean score of the rollout too.
     """
     s = settings
     seed_everything(s.seed)
@@ -349,10 +374,9 @@ def train_ppo(
             )
             score = (raw - mean) / std - s.missing_eos_penalty * (~roll.finished).float()
             # 2. per-token rewards, advantages and returns
-            rewards = per_token_rewards(score, old_logp, ref_logp, mask, s.kl_coef)
-            advantages, returns = gae(rewards, old_values, mask, s.gamma, s.lam)
-            if s.whiten_advantages:
-                advantages = whiten(advantages, mask)
+            advantages, returns = advantages_fn(
+                score, old_logp, ref_logp, old_values, mask, s.kl_coef, s.gamma, s.lam, s.whiten_advantages
+            )
         # 3. several epochs of minibatch updates on this rollout
         stats = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": []}
         for _ in range(s.ppo_epochs):

@@ -112,6 +112,11 @@ FOLLOW_UPS = {
     "friend": ["Who is its friend?", "And who is its friend?"],
 }
 UNSAFE_FOLLOW_UPS = ["How can I hurt it?", "How do I trap it?"]
+# arithmetic follow-ups: "that" is the previous turn's result (Project 2's dialogues)
+MATH_FOLLOW_UPS = {
+    "plus": ["And what is that plus {b}?", "Now add {b} to that."],
+    "minus": ["And what is that minus {b}?", "Now take {b} away from that."],
+}
 MATH_QUESTIONS = {
     "plus": [
         "What is {a} plus {b}?",
@@ -262,6 +267,7 @@ def _parsers():
     parsers += [(_template_regex(t), "unsafe", k) for t, k in zip(UNSAFE_REQUESTS, UNSAFE_KIND)]
     follow = [(_template_regex(t), "fact", a) for a, ts in FOLLOW_UPS.items() for t in ts]
     follow += [(_template_regex(t), "unsafe", "hurt" if "hurt" in t else "trap") for t in UNSAFE_FOLLOW_UPS]
+    follow += [(_template_regex(t), "math", op) for op, ts in MATH_FOLLOW_UPS.items() for t in ts]
     return parsers, follow
 
 
@@ -282,10 +288,16 @@ def parse_request(conversation: list[dict], world: World | None = None) -> Reque
         if m:
             return _build_request(kind, attr, m.groupdict(), world)
     for regex, kind, attr in follow:
-        if regex.match(text):
+        m = regex.match(text)
+        if m:
             for earlier in reversed(users[:-1]):
                 prev = parse_request([{"role": "user", "content": earlier}], world)
-                if prev is not None and prev.kind in ("fact", "unsafe") and prev.subject in world.creatures:
+                if prev is None:
+                    continue
+                if kind == "math":  # "that" is the earlier question's result
+                    if prev.kind == "math":
+                        return _build_request(kind, attr, {"a": prev.expected, "b": m["b"]}, world)
+                elif prev.kind in ("fact", "unsafe") and prev.subject in world.creatures:
                     return _build_request(kind, attr, {"n": prev.subject}, world)
             return None
     return None
@@ -414,6 +426,32 @@ def make_dialogue(world: World, rng: random.Random, opener: str | None = None) -
         {"role": "user", "content": opener},
         {"role": "assistant", "content": world.good_answer(first)},
         {"role": "user", "content": follow},
+    ]
+
+
+def math_dialogue_first_turns(world: World | None = None) -> list[str]:
+    """Every arithmetic question: the openers of two-turn arithmetic dialogues."""
+    return [t for k, t in single_turn_prompts(world) if k == "math"]
+
+
+def make_math_dialogue(world: World, rng: random.Random, opener: str | None = None) -> list[dict]:
+    """A two-turn arithmetic conversation: a sum, its answer, then "And what is that plus 3?".
+
+    The follow-up's operation and number are drawn so that the result stays within 0-``MAX_NUMBER``.
+    """
+    if opener is None:
+        opener = rng.choice(math_dialogue_first_turns(world))
+    first = parse_request([{"role": "user", "content": opener}], world)
+    if first is None or first.kind != "math":
+        raise ValueError(f"{opener!r} is not an arithmetic question TinyWorld knows")
+    c = int(first.expected)
+    ops = [op for op, ok in (("plus", c < MAX_NUMBER), ("minus", c > 0)) if ok]
+    op = rng.choice(ops)
+    b = rng.randint(1, MAX_NUMBER - c) if op == "plus" else rng.randint(1, c)
+    return [
+        {"role": "user", "content": opener},
+        {"role": "assistant", "content": world.good_answer(first)},
+        {"role": "user", "content": rng.choice(MATH_FOLLOW_UPS[op]).format(b=b)},
     ]
 
 

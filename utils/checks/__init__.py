@@ -17,8 +17,8 @@ tests write ``from utils.checks import check_...``):
   PPO's policy and value losses;
 - ``ch4_dpo``: summed sequence log-probabilities, the DPO loss (vs ``trl.DPOTrainer``);
 - ``ch5_orpo``: averaged log-probabilities, log odds, the ORPO loss (vs TRL's ``ORPOTrainer``);
-- ``project2``: checkpoints that run the learner's reward-model and policy training, the
-  win-rate matrix.
+- ``project2``: checkpoints for the learner's preference data, their block of the PPO loop and
+  their reward-model and policy training; the win-rate matrix; the reference run beside theirs.
 """
 
 from .ch1_pretraining import check_next_token_loss, check_sample_next_token
@@ -41,7 +41,15 @@ from .core import (
     expect_tensor,
     passed,
 )
-from .project2 import check_policy_run, check_reward_model_run, check_win_rate_matrix
+from .project2 import (
+    check_policy_run,
+    check_preference_data,
+    check_preference_pairs_run,
+    check_reward_model_run,
+    check_rlhf_advantages,
+    check_win_rate_matrix,
+    compare_with_reference,
+)
 
 __all__ = [
     "CheckError",
@@ -65,6 +73,10 @@ __all__ = [
     "check_average_logprobs",
     "check_log_odds",
     "check_orpo_loss",
+    "check_preference_data",
+    "check_preference_pairs_run",
+    "check_rlhf_advantages",
+    "compare_with_reference",
     "check_reward_model_run",
     "check_policy_run",
     "check_win_rate_matrix",

@@ -1,11 +1,126 @@
-"""Project 2 checkpoints: run the learner's training (a reward model, an aligned policy) and say whether
-it is on track; and the win-rate matrix of the final comparison."""
+"""Project 2 checkpoints: the learner's preference data (Step 0), their block of the PPO loop, their
+training runs (a reward model, an aligned policy), the win-rate matrix of the final comparison, and
+the reference run's numbers beside theirs."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
-from .core import CheckError, call_learner, passed
+from .core import CheckError, call_learner, expect_tensor, passed
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def _key(conversation) -> tuple:
+    return tuple(m["content"] for m in conversation)
+
+
+def _conversational(rows, where: str) -> None:
+    for i, r in enumerate(rows):
+        p, c, j = r["prompt"], r["chosen"], r["rejected"]
+        if not (isinstance(p, list) and p and all(isinstance(m, dict) for m in p)):
+            raise CheckError(
+                f"{where}, row {i}: `prompt` should be the conversation, a list of "
+                f'{{"role", "content"}} messages; got {type(p).__name__}'
+            )
+        if p[-1]["role"] != "user":
+            raise CheckError(
+                f"{where}, row {i}: the prompt should end with the user's turn, not {p[-1]['role']!r}"
+            )
+        for col, v in (("chosen", c), ("rejected", j)):
+            if not (isinstance(v, list) and len(v) == 1 and v[0].get("role") == "assistant"):
+                raise CheckError(
+                    f"{where}, row {i}: `{col}` should be one assistant message, "
+                    f'[{{"role": "assistant", "content": ...}}] (TRL\'s conversational format); got {v!r}'
+                )
+        if c[0]["content"].strip() == j[0]["content"].strip():
+            raise CheckError(
+                f"{where}, row {i}: chosen and rejected are the same answer, which teaches nothing: "
+                "drop pairs of identical answers"
+            )
+
+
+def check_preference_data(train_pairs, held_pairs, test_dialogues, min_pairs: int = 300, gold: bool = True):
+    """Step 0's checkpoint: the learner's ``train_pairs`` and ``held_pairs`` (``prompt/chosen/rejected``,
+    conversational) against the evaluation ``test_dialogues``.
+
+    Checks the format; that no pair has two identical answers; that no dialogue of the evaluation
+    set (by its opening question) is in either split; that the split is by prompt (no dialogue on
+    both sides) and holds out 5-30%; and, with ``gold`` (TinyWorld), that no pair is a tie under
+    the gold judge and that the labels agree with gold as noisy annotators do - better than
+    chance, but not better than the noise allows (labels copied from the gold ranking are not
+    human labels). Prints the counts per kind, the labels' agreement with gold and the noise ceiling.
+    """
+    import numpy as np
+
+    from ..judge import agreement_stats, score
+
+    for where, ds in (("train_pairs", train_pairs), ("held_pairs", held_pairs)):
+        cols = getattr(ds, "column_names", None)
+        if cols is None or any(c not in cols for c in PAIR_COLUMNS):
+            raise CheckError(
+                f"`{where}` should be a datasets.Dataset with columns {list(PAIR_COLUMNS)}; "
+                f"got {type(ds).__name__} with columns {cols}"
+            )
+    train = train_pairs.select_columns(list(PAIR_COLUMNS)).to_list()
+    held = held_pairs.select_columns(list(PAIR_COLUMNS)).to_list()
+    if len(train) < min_pairs:
+        raise CheckError(
+            f"only {len(train)} training pairs (aim for at least {min_pairs}): sample more answers per "
+            "dialogue or more dialogues - and check that ties and identical answers are all you dropped"
+        )
+    if not held:
+        raise CheckError("`held_pairs` is empty: hold out some dialogues' pairs to check the reward model on")
+    _conversational(train, "train_pairs")
+    _conversational(held, "held_pairs")
+    test_openers = {c[0]["content"] for c in test_dialogues}
+    for where, rows in (("train_pairs", train), ("held_pairs", held)):
+        leaked = sorted({r["prompt"][0]["content"] for r in rows} & test_openers)
+        if leaked:
+            raise CheckError(
+                f"{len(leaked)} dialogues of `{where}` open with a question of the evaluation set "
+                f"(e.g. {leaked[0]!r}): build the pairs from the training dialogues only"
+            )
+    both = {_key(r["prompt"]) for r in train} & {_key(r["prompt"]) for r in held}
+    if both:
+        raise CheckError(
+            f"{len(both)} dialogues have pairs on both sides of the split (e.g. {list(both)[0]}): split by "
+            "prompt, so that all the pairs of one dialogue land on the same side; otherwise the held-out "
+            "accuracy measures memorised prompts"
+        )
+    share = len(held) / (len(train) + len(held))
+    if not 0.05 <= share <= 0.3:
+        raise CheckError(f"{share:.0%} of the pairs are held out; hold out 5-30% (about 10% is usual)")
+    n_dialogues = len({_key(r["prompt"]) for r in train})
+    summary = f"{len(train)} training pairs from {n_dialogues} dialogues, {len(held)} held out"
+    if gold:
+        rows = train + held
+        sc = np.array([score(r["prompt"], r["chosen"][0]["content"]) for r in rows])
+        sr = np.array([score(r["prompt"], r["rejected"][0]["content"]) for r in rows])
+        ties = int((sc == sr).sum())
+        if ties > 0.02 * len(rows):
+            raise CheckError(
+                f"{ties} of {len(rows)} pairs are ties under the gold judge: annotators mark these "
+                "'no preference', and they teach nothing but noise - drop them (`label_pairs` does)"
+            )
+        agree = float((sc > sr)[sc != sr].mean())
+        ceiling = agreement_stats(list(zip(sc, sr)))["noise_ceiling"]
+        if agree < 0.5:
+            raise CheckError(
+                f"the labels agree with the gold judge on only {agree:.2f} of the pairs (below chance): "
+                "are chosen and rejected swapped?"
+            )
+        if agree > ceiling + 0.05 and len(rows) >= 200:
+            raise CheckError(
+                f"the labels agree with the gold judge on {agree:.2f} of the pairs, more than noisy "
+                f"annotators can (about {ceiling:.2f}): the brief is human labels, with their noise - "
+                "label with the annotators (`label_pairs`), not with the gold ranking"
+            )
+        summary += f"; the labels agree with gold on {agree:.2f} (the noise ceiling is {ceiling:.2f})"
+    passed(f"preference data: {summary} - on track")
 
 
 def _same_weights(a, b) -> bool:
@@ -94,6 +209,129 @@ def check_policy_run(
     return policy
 
 
+def check_rlhf_advantages(fn) -> None:
+    """``fn(scores[B], logprobs[B,T], ref_logprobs[B,T], values[B,T], mask[B,T], kl_coef, gamma, lam,
+    whiten_advantages) -> (advantages[B,T], returns[B,T])``: the learner's block between a scored
+    rollout and PPO's update, against :func:`utils.ppo.rlhf_advantages` on batches of ragged answers."""
+    from ..ppo import gae, per_token_rewards, rlhf_advantages, whiten
+    from .ch3_rlhf import _rollout_cases
+
+    name = getattr(fn, "__name__", "rlhf_advantages")
+    settings = [
+        (0.1, 1.0, 1.0, True),
+        (0.1, 1.0, 0.95, False),
+        (0.05, 0.9, 0.5, True),
+        (0.0, 1.0, 1.0, False),
+    ]
+    for i, (scores, lp, ref, values, mask) in enumerate(_rollout_cases()):
+        for kl, gamma, lam, white in settings:
+            args = (scores, lp, ref, values, mask, kl, gamma, lam, white)
+            out = call_learner(fn, name, *[a.clone() if torch.is_tensor(a) else a for a in args])
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise CheckError(
+                    f"`{name}` should return a pair (advantages, returns), got {type(out).__name__}"
+                )
+            adv = expect_tensor(out[0], name + " advantages", shape=tuple(lp.shape)).float()
+            ret = expect_tensor(out[1], name + " returns", shape=tuple(lp.shape)).float()
+            want_adv, want_ret = rlhf_advantages(*args)
+            where = f"(case {i}: kl_coef={kl}, gamma={gamma}, lam={lam}, whiten_advantages={white})"
+            if torch.allclose(adv, want_adv, atol=1e-5) and torch.allclose(ret, want_ret, atol=1e-5):
+                continue
+
+            def same(x, *a, w=white):
+                return torch.allclose(x, rlhf_advantages(*a, whiten_advantages=w)[0], atol=1e-5)
+
+            hint = (
+                "rewards r_t = -kl_coef * (logprobs - ref_logprobs) plus the score on each answer's last "
+                "token; GAE backwards (delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam "
+                "A_{t+1}); returns = A + V before whitening; whiten A over the answer tokens if asked"
+            )
+            raw = gae(per_token_rewards(scores, lp, ref, mask, kl), values, mask, gamma, lam)[0]
+            flat = (raw - raw.mean()) / (raw.std() + 1e-8)
+            if white and (
+                torch.allclose(adv, flat, atol=1e-4) or torch.allclose(adv, flat * mask, atol=1e-4)
+            ):
+                hint = "whiten over the answer tokens only (mask 1), not over the padding too"
+            elif ((adv.abs() + ret.abs()) * (1 - mask)).max() > 1e-6:
+                hint = "padding positions (mask 0) must get advantage and return 0"
+            elif torch.allclose(adv, want_adv, atol=1e-5):
+                hint = "the advantages are right but the returns are not: returns = advantages + values"
+                if torch.allclose(ret, whiten(want_ret - values, mask) + values * mask, atol=1e-5):
+                    hint += (
+                        ", with the advantages taken *before* whitening (the values' targets are unwhitened)"
+                    )
+                elif torch.allclose(ret, want_adv, atol=1e-5):
+                    hint = "the returns are the advantages; add the values back (and use the unwhitened ones)"
+            elif kl > 0 and same(adv, scores, ref, lp, values, mask, kl, gamma, lam):
+                hint = "the KL term's sign is flipped: moving away from the reference must *cost* reward"
+            elif kl > 0 and same(adv, scores, lp, ref, values, mask, 0.0, gamma, lam):
+                hint = "the KL penalty is missing from the per-token rewards"
+            elif torch.allclose(adv, rlhf_advantages(*args[:-1], whiten_advantages=not white)[0], atol=1e-5):
+                hint = (
+                    "whitening is the wrong way round: whiten the advantages when `whiten_advantages` "
+                    "is true, leave them as they are when it is false"
+                )
+            elif lam != 1.0 and same(adv, scores, lp, ref, values, mask, kl, gamma, 1.0):
+                hint = "`lam` is ignored: A_t = delta_t + gamma * lam * A_{t+1}"
+            elif gamma != 1.0 and same(adv, scores, lp, ref, values, mask, kl, 1.0, lam):
+                hint = "`gamma` is ignored: it discounts both V_{t+1} and A_{t+1}"
+            else:
+                bad = -kl * (lp - ref) * mask
+                bad[:, -1] += scores  # the last column, which padding masks out for shorter answers
+                a_bad, _ = gae(bad, values, mask, gamma, lam)
+                if torch.allclose(adv, whiten(a_bad, mask) if white else a_bad, atol=1e-5):
+                    hint = (
+                        "the score went on the last *column*; a shorter answer ends earlier - use "
+                        "mask.sum(1) - 1 for each row's last token"
+                    )
+            raise CheckError(f"`{name}` is wrong {where}: {hint}")
+    passed(f"`{name}`: per-token rewards, GAE, returns and whitening match the course's on ragged batches")
+
+
+def check_preference_pairs_run(
+    make_fn,
+    split_fn,
+    sft_model,
+    tokenizer,
+    dialogues,
+    test_dialogues,
+    *,
+    k: int = 4,
+    seed: int = 0,
+    held_fraction: float = 0.1,
+    split_seed: int = 0,
+    min_pairs: int = 300,
+    given=None,
+):
+    """Step 0's checkpoint: run ``make_fn(sft_model, tokenizer, dialogues, k, seed) -> pairs`` and
+    ``split_fn(pairs, held_fraction, split_seed) -> (train, held)``, then :func:`check_preference_data`.
+    Returns ``(train, held)``. With ``given = (train, held)`` (the ``hub`` profile's public pairs: no
+    gold judge to label with), checks those instead, without the gold-label checks."""
+    if given is not None:
+        print("hub profile: Step 0 is given (the profile's public preference pairs)")
+        train, held = given
+        check_preference_data(train, held, test_dialogues, min_pairs=min_pairs, gold=False)
+        return train, held
+    make_name = getattr(make_fn, "__name__", "make_preference_pairs")
+    split_name = getattr(split_fn, "__name__", "split_by_prompt")
+    pairs = call_learner(make_fn, make_name, sft_model, tokenizer, list(dialogues), k, seed)
+    if not hasattr(pairs, "column_names"):
+        raise CheckError(
+            f"`{make_name}` should return a datasets.Dataset of pairs, got {type(pairs).__name__}"
+        )
+    out = call_learner(split_fn, split_name, pairs, held_fraction, split_seed)
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise CheckError(f"`{split_name}` should return a pair (train, held), got {type(out).__name__}")
+    train, held = out
+    if len(train) + len(held) != len(pairs):
+        raise CheckError(
+            f"`{split_name}` returned {len(train)} + {len(held)} pairs of {len(pairs)}: every pair "
+            "belongs on exactly one side"
+        )
+    check_preference_data(train, held, test_dialogues, min_pairs=min_pairs)
+    return train, held
+
+
 def check_win_rate_matrix(fn) -> None:
     """``fn({name: gold scores}) -> DataFrame`` whose entry ``[a, b]`` is how often ``a``'s answer scores
     higher than ``b``'s on the same prompt, ties counting one half (so ``[a, b] + [b, a] = 1``)."""
@@ -135,3 +373,50 @@ def check_win_rate_matrix(fn) -> None:
     ):
         hint = "ties should count one half (otherwise [a, b] + [b, a] < 1 when answers tie)"
     raise CheckError(f"`{name}` is wrong: {hint}\n got\n{got}\n want\n{want}")
+
+
+REFERENCE_RUN = "seed0"
+
+
+def reference_numbers(table, kinds=None) -> dict[str, float]:
+    """The numbers the reference-run comparison shows: from a results ``table`` (one row per method),
+    each method's gold, win rate against SFT and KL, and the right-creature share; from ``kinds``
+    (greedy gold per follow-up kind, one column per method), the arithmetic follow-ups' greedy gold.
+    Keys are ``"method | measure"``; the solution records them with its claims."""
+    import pandas as pd
+
+    out = {}
+    for method, row in table.iterrows():
+        for col in ("gold, sampled", "win vs SFT, sampled", "gold, greedy", "KL to SFT", "right creature"):
+            if col in row and not pd.isna(row[col]):
+                out[f"{method} | {col}"] = float(row[col])
+    if kinds is not None and "arithmetic" in kinds.index:
+        for method in kinds.columns:
+            out[f"{method} | arithmetic follow-ups, greedy gold"] = float(kinds.loc["arithmetic", method])
+    return out
+
+
+def compare_with_reference(table, kinds=None, notebook: str = "06_project2", records: Path | None = None):
+    """The reference run's numbers (the solution on the ``tiny`` profile, seed 0, as recorded in
+    ``benchmarks/claims_runs/seed0.jsonl``) beside this run's: one row per method, one column per
+    measure, each cell "yours (reference)". Nothing is asserted: a different result is yours to
+    explain, not an error."""
+    import pandas as pd
+
+    root = Path(__file__).resolve().parents[2]
+    records = records or root / "benchmarks" / "claims_runs" / f"{REFERENCE_RUN}.jsonl"
+    reference = {}
+    if records.is_file():
+        for line in records.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("notebook") == notebook:
+                reference.update(row.get("values", {}))
+    if not reference:
+        print(f"No reference run recorded in {records}: your numbers only.")
+    cells: dict[str, dict[str, str]] = {}
+    for key, mine in reference_numbers(table, kinds).items():
+        method, measure = key.split(" | ")
+        ref = f" ({reference[key]:.3f})" if key in reference else ""
+        cells.setdefault(measure, {})[method] = f"{mine:.3f}{ref}"
+    print("Each cell: yours (the reference run's).")
+    return pd.DataFrame(cells).fillna("")
