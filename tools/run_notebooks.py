@@ -144,7 +144,10 @@ def render_table(data: dict) -> str:
         rows.append(row)
     total = f"| **all** | {data['total_s']:.0f} s | | 20 min |"
     if gpu:
-        total += f" {sum(g['wall_s'] for g in gpu['notebooks'].values()):.0f} s | |"
+        measured = [n for n in data["notebooks"] if n in gpu["notebooks"]]
+        n_all = len(data["notebooks"])
+        partial = f" ({len(measured)} of {n_all})" if len(measured) < n_all else ""
+        total += f" {sum(gpu['notebooks'][n]['wall_s'] for n in measured):.0f} s{partial} | |"
     rows += [total, ""]
     rows.append(
         f"CPU: measured by `python tools/run_notebooks.py` on {m['date']}: {m['cpu']}, {m['cores']} cores, "
