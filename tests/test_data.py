@@ -291,3 +291,7 @@ def test_dialogue_conversations_mix_kinds_and_never_share_an_opener_across_split
             assert len(p) == 3 and req.kind == {"arithmetic": "math"}.get(k, k)
     assert not {p[0]["content"] for p in test["prompt"]} & {p[0]["content"] for p in train["prompt"]}
     assert D.dialogue_conversations(400, split="test", seed=0)["prompt"] == test["prompt"]  # deterministic
+
+
+def test_kind_mix_lists_each_kind_by_share():
+    assert D.kind_mix(["math", "fact", "math", "unsafe"]) == "math 50%, fact 25%, unsafe 25%"

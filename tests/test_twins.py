@@ -291,3 +291,28 @@ def test_a_loop_changed_alone_fails_its_twin_test(twins, drift, tiny_model, tiny
     run = {"pretrain": _pretrain_twins, "sft": _sft_twins, "dpo": _dpo_twins, "ppo": _ppo_twins}[twins]
     ours, theirs, *_ = run(tiny_model, tiny_tokenizer, replace=drift)
     assert not same_weights(ours, theirs)
+
+
+def test_train_dpo_callback_observes_without_changing_the_run(tiny_model, tiny_tokenizer):
+    """Chapter 4 tracks held-out log-probabilities with a callback: the run must stay the same."""
+    import copy
+
+    from utils.data import annotator_preferences
+    from utils.dpo import train_dpo
+
+    pairs = annotator_preferences(48)
+    a, b = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    seen = []
+    log_a = train_dpo(a, tiny_model, tiny_tokenizer, pairs, batch_size=16, show_progress=False)
+    log_b = train_dpo(
+        b,
+        tiny_model,
+        tiny_tokenizer,
+        pairs,
+        batch_size=16,
+        show_progress=False,
+        callback=lambda step, m: seen.append((step, m.training, torch.is_grad_enabled())),
+    )
+    assert log_a.equals(log_b)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert seen == [(s, False, False) for s in range(4)]  # before the first step, then after each

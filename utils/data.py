@@ -162,6 +162,17 @@ def dialogue_conversations(
     return Dataset.from_list(rows)
 
 
+def kind_mix(kinds) -> str:
+    """The share of each kind in a prompt set, largest first: ``"math 55%, dialogue 20%, ..."``.
+    Print it wherever a prompt set is built: a mix that differs between two sets explains
+    differences between numbers measured on them."""
+    from collections import Counter
+
+    counts = Counter(kinds)
+    n = sum(counts.values())
+    return ", ".join(f"{k} {v / n:.0%}" for k, v in counts.most_common())
+
+
 # --- supervised fine-tuning ----------------------------------------------------------------
 SFT_FORMATS = ("messages", "alpaca", "prompt_completion")
 

@@ -63,12 +63,14 @@ def train_dpo(
     seed: int = 0,
     desc: str = "DPO",
     show_progress: bool = True,
+    callback=None,
 ) -> pd.DataFrame:
     """Chapter 4's loop: DPO on conversational ``prompt/chosen/rejected`` pairs against a frozen
     ``reference`` (AdamW, the learning rate decayed linearly to 0 as TRL's default, clipping).
 
     Returns one row per step: loss, implicit-reward accuracy and margin, and the policy's mean
-    log-probabilities of the chosen and rejected answers.
+    log-probabilities of the chosen and rejected answers. ``callback(step, policy)`` runs after every
+    step (and once before the first, with step 0), for measurements; it must not train the policy.
     """
     require_columns(pairs, ["prompt", "chosen", "rejected"], "DPO")
     seed_everything(seed)
@@ -82,6 +84,8 @@ def train_dpo(
     )  # linear decay, as TRL's default
     g = torch.Generator().manual_seed(course_seed(seed))
     log, bar = [], progress(total=n_steps, desc=desc, disable=not show_progress)
+    if callback is not None:
+        _observe(callback, 0, policy)
     policy.train()
     for _ in range(epochs):
         order = torch.randperm(len(rows), generator=g).tolist()
@@ -107,8 +111,19 @@ def train_dpo(
                     "logp_rejected": pol[n:].mean().item(),
                 }
             )
+            if callback is not None:
+                _observe(callback, len(log), policy)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             bar.update(1)
     bar.close()
     policy.eval()
     return pd.DataFrame(log)
+
+
+def _observe(callback, step: int, policy) -> None:
+    """Run a measurement callback in eval mode, without gradients, and restore the training mode."""
+    was_training = policy.training
+    policy.eval()
+    with torch.no_grad():
+        callback(step, policy)
+    policy.train(was_training)
