@@ -52,7 +52,8 @@ def check_preference_data(train_pairs, held_pairs, test_dialogues, min_pairs: in
     both sides) and holds out 5-30%; and, with ``gold`` (TinyWorld), that no pair is a tie under
     the gold judge and that the labels agree with gold as noisy annotators do - better than
     chance, but not better than the noise allows (labels copied from the gold ranking are not
-    human labels). Prints the counts per kind, the labels' agreement with gold and the noise ceiling.
+    human labels). Gold is recomputed from the texts, as for finished answers. Prints the counts, the
+    labels' agreement with gold and the noise ceiling.
     """
     import numpy as np
 
