@@ -5,6 +5,7 @@ import copy
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from utils.checks import CheckError, check_policy_run, check_reward_model_run, check_win_rate_matrix
 from utils.data import annotator_preferences, eval_conversations
@@ -62,6 +63,28 @@ def test_policy_run_rejects_an_unchanged_or_wrong_return(tiny_model, tiny_tokeni
         check_policy_run(lambda m: copy.deepcopy(m), tiny_model, **kw)
     with pytest.raises(CheckError, match="trained language model"):
         check_policy_run(lambda m: None, tiny_model, **kw)
+
+
+def test_a_smoke_test_checks_structure_but_does_not_judge_outcomes(
+    tiny_model, tiny_tokenizer, monkeypatch, capsys
+):
+    """COURSE_SMOKE=1 trains a handful of steps: wrong returns still fail, outcomes are not judged."""
+    monkeypatch.setenv("COURSE_SMOKE", "1")
+    pairs = annotator_preferences(64)
+    with pytest.raises(CheckError, match="one-number head"):
+        check_reward_model_run(lambda m, t, p: m, tiny_model, tiny_tokenizer, pairs, pairs)
+    check_reward_model_run(lambda m, t, p: reward_model_from(m, t), tiny_model, tiny_tokenizer, pairs, pairs)
+    assert "a smoke test, so not judged" in capsys.readouterr().out  # a random head ranks at chance
+    prompts = eval_conversations(8, split="test", seed=0, dialogues=1.0)["prompt"]
+    kw = dict(start=tiny_model, tokenizer=tiny_tokenizer, conversations=prompts)
+    with pytest.raises(CheckError, match="unchanged"):
+        check_policy_run(lambda m: copy.deepcopy(m), tiny_model, **kw)
+    other = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p))  # a much worse model
+    assert check_policy_run(lambda m: other, tiny_model, **kw) is other
+    assert "not judged" in capsys.readouterr().out
 
 
 @pytest.mark.slow

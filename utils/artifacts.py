@@ -180,11 +180,11 @@ def sft_recipe(profile: Profile | None = None) -> dict:
     profile = profile or get_profile()
     recipe = {
         "base": base_recipe(profile),
-        "n_demos": 3000,
+        "n_demos": profile.n_demos,
         "dialogues": 0.15,
         "data_seed": 0,
         "epochs": 2,
-        "batch_size": 32,
+        "batch_size": profile.batch_size,
         "lr": 1e-3,
         "warmup": 10,
         "seed": 0,

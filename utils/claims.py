@@ -119,6 +119,11 @@ def claim(sentence: str, *comparisons, values: dict | None = None) -> bool:
         with open(record_to, "a") as f:
             f.write(json.dumps(row) + "\n")
         return held
+    from .config import get_profile
+
+    if not get_profile().checks_claims:  # measured on the full tiny profile: elsewhere, say, not raise
+        print(f"[{'holds' if held else 'does not hold'} here; claimed for the full tiny profile] {sentence}")
+        return held
     if not held:
         failed = "; ".join(f"{c['text']} is false" for c in checks if not c["holds"])
         extra = ", ".join(f"{k} = {v:.4g}" for k, v in shown.items())

@@ -14,6 +14,12 @@ Two profiles share every notebook cell:
 
 Switch with one line, ``profile = get_profile("hub")``, or for a whole session with the
 environment variable ``COURSE_PROFILE=hub``.
+
+``COURSE_SMOKE=1`` cuts either profile to a smoke test: every training run to a handful of steps
+and every dataset and evaluation set to a few hundred rows (:data:`SMOKE`), so that a whole
+notebook runs in about a minute to prove that its cells work (the tests run the ``hub`` profile
+this way against a local stand-in of the Hub). Its numbers mean nothing; claims are said, not
+checked, and Project 2's checkpoints check what was returned but do not judge how well it trained.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 REPO_URL = "https://github.com/llm-alignment-course/training-llms-to-follow-instructions"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROFILE_ENV = "COURSE_PROFILE"
+SMOKE_ENV = "COURSE_SMOKE"
 SEED_ENV = "COURSE_SEED"
 SEED_STRIDE = 1_000_003  # a prime far above any stream number the course uses
 
@@ -54,13 +61,38 @@ class Profile:
     pretrain_lr: float = 3e-3
     trainer_steps: int = 60
     n_documents: int = 12_000
+    # Chapters 2-6: the batch of SFT, reward-model, DPO and ORPO updates (pairs for the preference
+    # losses) and of PPO's minibatches. On the hub profile 8 keeps a 135M model under a T4's 15 GB
+    # (book/setup.md, measured by tools/hub_sizing.py).
+    batch_size: int = 32
+    # How much each stage trains on (the tiny profile's own data: its recipes in utils/artifacts.py).
+    n_demos: int = 3000  # SFT demonstrations (Chapters 2 and 5)
+    n_pairs: int = 1500  # public preference pairs loaded on the hub profile (Chapters 3-6)
+    ppo_iterations: int = 40  # PPO's rollout -> update cycles (Chapter 3, Project 2); RLOO's steps
     # Mixed precision for the TRL/transformers trainers on a GPU (autocast over fp32 weights; fp16 adds
     # loss scaling). Off for the tiny models: fp32 is fast enough there and keeps the checks exact.
     mixed_precision: bool = False
+    # A smoke test's cuts (None: none): training runs stop after ``max_steps`` steps (or iterations),
+    # datasets and evaluation sets hold at most ``max_examples`` rows. See :data:`SMOKE`.
+    max_steps: int | None = None
+    max_examples: int | None = None
     extra: dict = field(default_factory=dict)
 
     def with_overrides(self, **changes) -> "Profile":
         return replace(self, **changes)
+
+    def steps(self, n: int) -> int:
+        """``n`` training steps, or fewer in a smoke test."""
+        return n if self.max_steps is None else min(n, self.max_steps)
+
+    def examples(self, n: int) -> int:
+        """``n`` rows of a dataset or evaluation set, or fewer in a smoke test."""
+        return n if self.max_examples is None else min(n, self.max_examples)
+
+    @property
+    def checks_claims(self) -> bool:
+        """Whether the text's claims are asserted: on the full ``tiny`` profile, where they were measured."""
+        return self.name == "tiny" and self.max_steps is None and self.max_examples is None
 
 
 PROFILES: dict[str, Profile] = {
@@ -78,20 +110,35 @@ PROFILES: dict[str, Profile] = {
         pretrain_batch_size=8,
         pretrain_lr=5e-5,
         trainer_steps=50,
+        batch_size=8,
+        n_demos=1500,  # with the two below: each chapter within ~15 min on a T4 (book/setup.md)
+        n_pairs=600,
+        ppo_iterations=16,
         mixed_precision=True,
     ),
 }
 
 
+# the smoke test's cuts (COURSE_SMOKE=1): a handful of steps, a few hundred rows
+SMOKE = dict(max_steps=8, max_examples=256, pretrain_steps=8, trainer_steps=8)
+
+
+def smoke_test() -> bool:
+    """Whether ``COURSE_SMOKE`` asks for a smoke test."""
+    return os.environ.get(SMOKE_ENV, "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def get_profile(name: str | None = None) -> Profile:
-    """The profile called ``name``, else ``$COURSE_PROFILE``, else ``tiny``."""
+    """The profile called ``name``, else ``$COURSE_PROFILE``, else ``tiny``; cut to a smoke test
+    when ``COURSE_SMOKE=1``."""
     name = name or os.environ.get(PROFILE_ENV) or "tiny"
     if name not in PROFILES:
         raise ValueError(
             f"unknown profile {name!r}: choose one of {sorted(PROFILES)} "
             f"(set it with get_profile('tiny') or the environment variable {PROFILE_ENV})"
         )
-    return PROFILES[name]
+    profile = PROFILES[name]
+    return profile.with_overrides(**SMOKE) if smoke_test() else profile
 
 
 def run_seed() -> int:
@@ -187,8 +234,9 @@ def describe_runtime() -> str:
 
     profile = get_profile()
     device = pick_device()
+    smoke = " (smoke test)" if profile.max_steps is not None else ""
     return (
-        f"profile={profile.name} seed={run_seed()} device={device.type} "
+        f"profile={profile.name}{smoke} seed={run_seed()} device={device.type} "
         f"dtype={str(pick_dtype(device)).replace('torch.', '')} "
         f"torch={torch.__version__} transformers={transformers.__version__}"
     )

@@ -20,7 +20,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from . import judge
-from .config import course_seed
+from .config import course_seed, get_profile
 from .tokenizer import DOC_SEP
 from .world import (
     World,
@@ -100,6 +100,7 @@ def eval_conversations(
     ``dialogues`` fraction are two-turn conversations whose opener is also from ``split``.
     """
     world = world or make_world()
+    n = get_profile().examples(n)  # (fewer in a smoke test)
     rng = random.Random(f"eval-{split}-{seed}")
     n_dialogue = int(round(n * dialogues))
     pool = _prompts_of(split, world)
@@ -136,6 +137,7 @@ def dialogue_conversations(
     ("And what is that plus 3?", after a sum). Project 2's training and evaluation dialogues.
     """
     world = world or make_world()
+    n = get_profile().examples(n)  # (fewer in a smoke test)
     rng = random.Random(f"dialogues-{split}-{seed}")
     n_math = int(round(n * arithmetic))
     openers = [t for _, t in dialogue_first_turns(world) if split_of(t) == split]

@@ -306,6 +306,11 @@ class PPOSettings:
     whiten_advantages: bool = True
     seed: int = 0
 
+    def __post_init__(self):
+        from .config import get_profile
+
+        self.iterations = get_profile().steps(self.iterations)  # (fewer in a smoke test)
+
 
 def train_ppo(
     policy,

@@ -39,6 +39,30 @@ CHAT_TEMPLATE = (
 )
 
 
+def train_bpe(
+    texts: Iterable[str],
+    vocab_size: int,
+    special_tokens: list[str],
+    *,
+    add_prefix_space: bool = True,
+    min_frequency: int = 2,
+) -> Tokenizer:
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``texts``, ``special_tokens`` first
+    (ids 0, 1, ...)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2
 ) -> PreTrainedTokenizerFast:
@@ -47,18 +71,7 @@ def train_tokenizer(
     Every word gets a leading-space byte (``add_prefix_space``), so "Alba" is the same token at
     the start of a document, after a chat-role marker, and mid-sentence.
     """
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return wrap_tokenizer(tok)
+    return wrap_tokenizer(train_bpe(texts, vocab_size, SPECIAL_TOKENS, min_frequency=min_frequency))
 
 
 def wrap_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:

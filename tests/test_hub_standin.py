@@ -1,0 +1,197 @@
+"""The ``hub`` profile against a local stand-in of the Hub (tools/hub_standin.py): the stand-in has
+the real shapes, the loaders read it by the real names, the ChatML patch keeps what the template
+renders, and a smoke test cuts a profile without changing anything else."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from utils import config, hub
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import hub_standin  # noqa: E402
+
+BASE, INSTRUCT = hub_standin.LM_NAMES
+
+
+@pytest.fixture(scope="session")
+def standin(tmp_path_factory):
+    """The small stand-in, built once (a few seconds)."""
+    return hub_standin.build(tmp_path_factory.mktemp("hub-standin"), "small", n_rows=300)
+
+
+@pytest.fixture
+def mirror(standin, monkeypatch, tmp_datasets_cache):
+    monkeypatch.setenv(hub.MIRROR_ENV, str(standin))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return standin
+
+
+def test_the_real_size_config_is_smollm2_135m():
+    import transformers
+
+    cfg = {k: v for k, v in hub_standin.SMOLLM2_135M.items() if k not in ("architectures", "model_type")}
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+    n = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+    assert n == 134_515_008  # SmolLM2-135M's parameter count
+    assert model.config.num_key_value_heads == 3 and model.config.tie_word_embeddings
+
+
+def test_the_real_size_judge_config_is_qwen3_0_6b():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import transformers
+    from hub_sizing import QWEN3_06B_RM
+
+    cfg = {k: v for k, v in QWEN3_06B_RM.items() if k not in ("architectures", "model_type")}
+    with torch.device("meta"):
+        model = transformers.Qwen3ForSequenceClassification(transformers.Qwen3Config(**cfg))
+    n = sum(p.numel() for p in model.parameters())
+    assert 590e6 < n < 600e6  # Qwen3-0.6B's backbone (0.44B without embeddings) and a scalar head
+
+
+def test_every_name_of_the_hub_profile_is_in_the_standin(mirror):
+    p = config.get_profile("hub")
+    for name in (p.base_model, p.sft_model, p.judge_model, p.sft_dataset, p.preference_dataset):
+        assert Path(hub.resolve(name)).is_dir(), name
+    assert Path(hub.resolve(*p.pretrain_dataset)).name == p.pretrain_dataset[1]
+
+
+def test_a_name_missing_from_the_mirror_is_a_clear_error(mirror):
+    with pytest.raises(hub.HubUnavailableError, match="not in the mirror"):
+        hub.load_hub_model("someone/absent-model")
+
+
+def test_models_load_by_their_hub_names_with_the_real_classes(mirror):
+    model, tok = hub.load_hub_model(INSTRUCT, device="cpu")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_attention_heads == 9 and model.config.num_key_value_heads == 3
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [0, 1, 2]
+    # generation stops at the end of a turn first, and still at the checkpoint's own end token
+    assert model.generation_config.eos_token_id[0] == tok.eos_token_id == 2
+    base, base_tok = hub.load_hub_model(BASE, device="cpu")
+    assert base.generation_config.eos_token_id == [2, 0]  # <|im_end|>, then the base's <|endoftext|>
+    judge, judge_tok = hub.load_hub_judge(config.get_profile("hub").judge_model, device="cpu")
+    assert type(judge).__name__ == "Qwen3ForSequenceClassification" and judge.config.num_labels == 1
+    assert "{% generation %}" not in judge_tok.chat_template  # the judge keeps its own template
+
+
+def test_datasets_load_by_their_hub_names_with_the_real_columns(mirror):
+    p = config.get_profile("hub")
+    text = hub.load_hub_text_dataset(*p.pretrain_dataset)
+    assert set(text) >= {"train", "validation"} and text["train"].column_names == ["text"]
+    assert all(len(t.strip()) >= 20 for t in text["train"]["text"])  # blank lines and headings dropped
+    sft = hub.load_hub_sft_dataset(p.sft_dataset, n=100, validation=20)
+    assert len(sft["train"]) == 100 and sft["train"][0]["messages"][0]["role"] == "user"
+    prefs = hub.load_hub_preference_dataset(p.preference_dataset, n=50)
+    row = prefs[0]
+    assert prefs.column_names == ["prompt", "chosen", "rejected"]
+    assert row["prompt"][-1]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
+
+
+def test_standin_datasets_have_the_real_schema(standin):
+    import pandas as pd
+
+    alpaca = pd.read_parquet(next((standin / hub_standin.ALPACA).rglob("train-*.parquet")))
+    assert list(alpaca.columns) == ["instruction", "input", "output", "text"]
+    assert (alpaca["input"] != "").any() and (alpaca["input"] == "").any()
+    uf = pd.read_parquet(next((standin / hub_standin.ULTRAFEEDBACK).rglob("train-*.parquet")))
+    assert list(uf.columns) == ["chosen", "rejected", "score_chosen", "score_rejected"]
+    assert [m["role"] for m in uf["chosen"][0]] == ["user", "assistant"]
+    wiki = pd.read_parquet(next((standin / "/".join(hub_standin.WIKITEXT)).glob("validation-*.parquet")))
+    assert (wiki["text"] == "").any()  # wikitext's blank lines are there, for the loader to drop
+
+
+# --- the ChatML patch ---------------------------------------------------------------------------
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "A?"},
+        {"role": "assistant", "content": "B."},
+        {"role": "user", "content": "C?"},
+        {"role": "assistant", "content": "D."},
+    ],
+]
+
+
+@pytest.mark.parametrize("name", [BASE, INSTRUCT])
+def test_chatml_gets_generation_markers_and_renders_as_before(mirror, name):
+    from transformers import AutoTokenizer
+
+    from utils.tokenizer import check_chat_template
+
+    raw = AutoTokenizer.from_pretrained(hub.resolve(name))
+    tok = hub.load_hub_tokenizer(name)
+    check_chat_template(tok)  # assistant-only loss works
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token is not None
+    for conv in CONVERSATIONS:
+        for gen in (False, True):
+            assert tok.apply_chat_template(
+                conv, tokenize=False, add_generation_prompt=gen
+            ) == raw.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+    enc = tok.apply_chat_template(CONVERSATIONS[1], return_dict=True, return_assistant_tokens_mask=True)
+    kept = tok.decode([t for t, m in zip(enc["input_ids"], enc["assistant_masks"]) if m])
+    assert kept == "B.<|im_end|>D.<|im_end|>"  # each answer and the token that ends it, nothing else
+
+
+def test_a_template_that_is_not_plain_chatml_is_left_to_the_fallback(mirror):
+    from transformers import AutoTokenizer
+
+    from utils.tokenizer import CHAT_TEMPLATE
+
+    tok = AutoTokenizer.from_pretrained(hub.resolve(INSTRUCT))
+    odd = tok.chat_template.replace("'\n' + message['content']", "': ' + message['content']")
+    assert odd != tok.chat_template
+    tok.chat_template = odd
+    assert not hub.patch_chatml(tok)  # renders differently from ChatML: not patched
+    tok.save_pretrained(mirror / "someone" / "odd-chat")
+    assert hub.load_hub_tokenizer("someone/odd-chat").chat_template == CHAT_TEMPLATE
+
+
+def test_chatml_without_a_default_system_prompt(mirror):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hub.resolve(config.get_profile("hub").judge_model))
+    original = tok.chat_template
+    assert hub.patch_chatml(tok)
+    assert tok.apply_chat_template(CONVERSATIONS[0], tokenize=False) == tok.apply_chat_template(
+        CONVERSATIONS[0], tokenize=False, chat_template=original
+    )
+    assert "system" not in tok.apply_chat_template(CONVERSATIONS[0], tokenize=False)
+
+
+# --- the smoke test -------------------------------------------------------------------------------
+def test_smoke_cuts_steps_and_rows_and_nothing_else(monkeypatch):
+    from utils.data import dialogue_conversations, eval_conversations
+    from utils.ppo import PPOSettings
+
+    full = config.get_profile("hub")
+    monkeypatch.setenv(config.SMOKE_ENV, "1")
+    smoke = config.get_profile("hub")
+    assert (
+        smoke.steps(40) == config.SMOKE["max_steps"] and smoke.examples(800) == config.SMOKE["max_examples"]
+    )
+    assert smoke.steps(2) == 2 and smoke.pretrain_steps == config.SMOKE["pretrain_steps"]
+    assert (smoke.base_model, smoke.seq_len) == (full.base_model, full.seq_len)
+    assert not smoke.checks_claims and not config.get_profile("tiny").checks_claims
+    n = config.SMOKE["max_examples"]
+    assert len(eval_conversations(800)) == len(dialogue_conversations(500, split="train")) == n
+    assert PPOSettings(iterations=40).iterations == config.SMOKE["max_steps"]
+    monkeypatch.setenv(config.SMOKE_ENV, "0")
+    assert config.get_profile("tiny").checks_claims and config.get_profile("tiny").steps(40) == 40
+    assert PPOSettings(iterations=40).iterations == 40
+
+
+def test_claims_are_said_not_raised_off_the_full_tiny_profile(monkeypatch, capsys):
+    from utils.claims import ClaimFailed, claim
+
+    monkeypatch.delenv("COURSE_CLAIMS_RECORD", raising=False)
+    with pytest.raises(ClaimFailed):
+        claim("one is more than two", (1, ">", 2))
+    monkeypatch.setenv(config.PROFILE_ENV, "hub")
+    assert claim("one is more than two", (1, ">", 2)) is False
+    assert "does not hold here; claimed for the full tiny profile" in capsys.readouterr().out
