@@ -195,3 +195,33 @@ def test_claims_are_said_not_raised_off_the_full_tiny_profile(monkeypatch, capsy
     monkeypatch.setenv(config.PROFILE_ENV, "hub")
     assert claim("one is more than two", (1, ">", 2)) is False
     assert "does not hold here; claimed for the full tiny profile" in capsys.readouterr().out
+
+
+def test_loaders_keep_only_examples_that_fit_the_profiles_length(
+    tmp_path, tmp_datasets_cache, capsys, monkeypatch
+):
+    import pandas as pd
+
+    monkeypatch.setenv(config.PROFILE_ENV, "hub")  # seq_len 256: about 1,024 characters
+
+    user = {"role": "user", "content": "Q?"}
+    rows = {
+        "chosen": [
+            [user, {"role": "assistant", "content": "short."}],
+            [user, {"role": "assistant", "content": "x" * 2000}],
+        ],
+        "rejected": [
+            [user, {"role": "assistant", "content": "no."}],
+            [user, {"role": "assistant", "content": "no."}],
+        ],
+    }
+    path = tmp_path / "prefs.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    prefs = hub.load_hub_preference_dataset(str(path), n=10)
+    assert (
+        len(prefs) == 1 and prefs[0]["chosen"][0]["content"] == "short."
+    )  # the 2,000-character answer is left out
+    assert "kept 1 of 2 pairs that fit in ~256 tokens" in capsys.readouterr().out
+    pd.DataFrame({"chosen": rows["chosen"][1:], "rejected": rows["rejected"][1:]}).to_parquet(path)
+    with pytest.raises(ValueError, match="raise the profile's seq_len"):
+        hub.load_hub_preference_dataset(str(path))
