@@ -180,6 +180,13 @@ def build(root: str | Path, size: str = "small", n_rows: int = 800, seed: int = 
     """Write the stand-in under ``root`` and return it. ``size``: ``small`` or ``real``."""
     if size not in ("small", "real"):
         raise ValueError(f"size must be 'small' or 'real', got {size!r}")
+    from utils.world import single_turn_prompts
+
+    n_prompts = len(single_turn_prompts())  # Alpaca, UltraFeedback's train and test: distinct prompts
+    if n_rows + n_rows + max(n_rows // 10, 20) > n_prompts:
+        raise ValueError(
+            f"n_rows={n_rows} is too many: TinyWorld has {n_prompts:,} distinct single-turn prompts"
+        )
     root = Path(root)
     texts = _texts(2000)
     rng = random.Random(seed)
