@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from utils import data, judge
-from utils.config import course_seed, seed_everything
+from utils.config import course_seed, get_profile, seed_everything
 from utils.progress import progress
 
 SOLUTIONS = Path(__file__).resolve().parent.parent / "solutions"
@@ -169,6 +169,7 @@ def _dpo_twins(tiny_model, tiny_tokenizer, replace=None):
             "dpo_loss": dpo_loss,
             "tokenizer": tiny_tokenizer,
             "device": torch.device("cpu"),
+            "profile": get_profile(),  # the loop's default batch is the profile's
         },
         replace,
     )
