@@ -31,24 +31,20 @@ def mirror(standin, monkeypatch, tmp_datasets_cache):
 
 
 def test_the_real_size_config_is_smollm2_135m():
-    import transformers
-
-    cfg = {k: v for k, v in hub_standin.SMOLLM2_135M.items() if k not in ("architectures", "model_type")}
     with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+        model = hub_standin.model_from(hub_standin.lm_config("real"))
+    assert type(model).__name__ == "LlamaForCausalLM"
     n = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
     assert n == 134_515_008  # SmolLM2-135M's parameter count
     assert model.config.num_key_value_heads == 3 and model.config.tie_word_embeddings
 
 
 def test_the_real_size_judge_config_is_qwen3_0_6b():
-    sys.path.insert(0, str(ROOT / "tools"))
-    import transformers
     from hub_sizing import QWEN3_06B_RM
 
-    cfg = {k: v for k, v in QWEN3_06B_RM.items() if k not in ("architectures", "model_type")}
     with torch.device("meta"):
-        model = transformers.Qwen3ForSequenceClassification(transformers.Qwen3Config(**cfg))
+        model = hub_standin.model_from(QWEN3_06B_RM)
+    assert type(model).__name__ == "Qwen3ForSequenceClassification" and model.config.num_labels == 1
     n = sum(p.numel() for p in model.parameters())
     assert 590e6 < n < 600e6  # Qwen3-0.6B's backbone (0.44B without embeddings) and a scalar head
 
@@ -177,6 +173,7 @@ def test_smoke_cuts_steps_and_rows_and_nothing_else(monkeypatch):
     )
     assert smoke.steps(2) == 2 and smoke.pretrain_steps == config.SMOKE["pretrain_steps"]
     assert (smoke.base_model, smoke.seq_len) == (full.base_model, full.seq_len)
+    assert smoke.smoke and not full.smoke
     assert not smoke.checks_claims and not config.get_profile("tiny").checks_claims
     n = config.SMOKE["max_examples"]
     assert len(eval_conversations(800)) == len(dialogue_conversations(500, split="train")) == n

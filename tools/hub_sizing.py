@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hub_standin import QWEN3_RM_SMALL, SMALL_LM, SMOLLM2_135M, build  # noqa: E402
+from hub_standin import QWEN3_RM_SMALL, build, lm_config, model_from  # noqa: E402
 
 QWEN3_06B_RM = dict(  # Skywork-Reward-V2-Qwen3-0.6B: Qwen3-0.6B's backbone with one output
     QWEN3_RM_SMALL,
@@ -67,12 +67,7 @@ def _peak_gb(device):
 
 
 def _lm(cfg, device):
-    import transformers
-
-    config = transformers.LlamaConfig(
-        **{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}
-    )
-    return transformers.LlamaForCausalLM(config).to(device)
+    return model_from(cfg).to(device)
 
 
 def _timed(step, steps, device):
@@ -118,8 +113,6 @@ def _train_phase(name, models, loss_of, steps, device, precision, shape):
 
 
 def measure(small: bool, steps: int, device: torch.device, batch: int | None = None) -> dict:
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
     from utils.config import get_profile
     from utils.dpo import dpo_loss
     from utils.hub import load_hub_tokenizer
@@ -130,7 +123,7 @@ def measure(small: bool, steps: int, device: torch.device, batch: int | None = N
     from utils.reward import bradley_terry_loss, reward_model_from
 
     profile = get_profile("hub")
-    lm_cfg = dict(SMOLLM2_135M, **(dict(SMALL_LM, vocab_size=2048) if small else {}))
+    lm_cfg = lm_config("small" if small else "real")
     judge_cfg = dict(
         QWEN3_RM_SMALL if small else QWEN3_06B_RM, vocab_size=2048 if small else 151936, pad_token_id=0
     )
@@ -258,10 +251,7 @@ def measure(small: bool, steps: int, device: torch.device, batch: int | None = N
     # Project 2: the judge scores answers in half precision (frozen), batches of B x 512
     _reset(device)
     judge_dtype = torch.float16 if device.type == "cuda" else torch.float32
-    config = AutoConfig.for_model(
-        "qwen3", **{k: v for k, v in judge_cfg.items() if k not in ("architectures", "model_type")}
-    )
-    judge = AutoModelForSequenceClassification.from_config(config).to(device, judge_dtype).eval()
+    judge = model_from(judge_cfg).to(device, judge_dtype).eval()
     xj = torch.randint(3, 2048, (B, 512), generator=g).to(device)
     with torch.no_grad():
         s = _timed(lambda: judge(input_ids=xj).logits, steps, device)

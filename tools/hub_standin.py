@@ -156,17 +156,26 @@ def _save_tokenizer(tok, folder: Path, *, bos, eos, pad, template) -> None:
     wrapped.save_pretrained(folder)
 
 
-def _save_model(cls_name: str, cfg: dict, folder: Path, seed: int) -> None:
+def lm_config(size: str, vocab_size: int = 2048) -> dict:
+    """SmolLM2-135M's config (``real``), or its few-layer variant with the stand-in's vocabulary."""
+    return dict(SMOLLM2_135M, **(dict(SMALL_LM, vocab_size=vocab_size) if size == "small" else {}))
+
+
+def model_from(cfg: dict, seed: int | None = None):
+    """A randomly initialised model of the class ``cfg["architectures"][0]``, configured by ``cfg``."""
     import torch
     import transformers
 
-    torch.manual_seed(seed)
-    model_type = cfg["model_type"]
+    if seed is not None:
+        torch.manual_seed(seed)
     config = transformers.AutoConfig.for_model(
-        model_type, **{k: v for k, v in cfg.items() if k != "model_type"}
+        cfg["model_type"], **{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}
     )
-    model = getattr(transformers, cls_name)(config)
-    model.save_pretrained(folder, safe_serialization=True)
+    return getattr(transformers, cfg["architectures"][0])(config)
+
+
+def _save_model(cfg: dict, folder: Path, seed: int) -> None:
+    model_from(cfg, seed).save_pretrained(folder, safe_serialization=True)
 
 
 def _parquet(rows: dict, path: Path) -> None:
@@ -195,14 +204,12 @@ def build(root: str | Path, size: str = "small", n_rows: int = 800, seed: int = 
     # the stand-in's BPE, which is fine: every id the tokenizer makes is below the model's vocab
     vocab = 2048
     smol_tok = _tokenizer(texts, SMOLLM2_SPECIALS, vocab)
-    lm_cfg = dict(SMOLLM2_135M)
-    if size == "small":
-        lm_cfg.update(SMALL_LM, vocab_size=vocab)
+    lm_cfg = lm_config(size, vocab)
     for i, name in enumerate(LM_NAMES):
         folder = root / name
         instruct = name.endswith("Instruct")
         cfg = dict(lm_cfg, **({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2} if instruct else {}))
-        _save_model("LlamaForCausalLM", cfg, folder, seed + i)
+        _save_model(cfg, folder, seed + i)
         if instruct:
             _save_tokenizer(
                 smol_tok,
@@ -219,7 +226,7 @@ def build(root: str | Path, size: str = "small", n_rows: int = 800, seed: int = 
 
     qwen_tok = _tokenizer(texts, QWEN_SPECIALS, 1024)
     judge_cfg = dict(QWEN3_RM_SMALL, vocab_size=1024, pad_token_id=0, bos_token_id=None, eos_token_id=2)
-    _save_model("Qwen3ForSequenceClassification", judge_cfg, root / JUDGE_NAME, seed + 2)
+    _save_model(judge_cfg, root / JUDGE_NAME, seed + 2)
     _save_tokenizer(
         qwen_tok, root / JUDGE_NAME, bos=None, eos="<|im_end|>", pad="<|endoftext|>", template=PLAIN_CHATML
     )
