@@ -90,9 +90,14 @@ class Profile:
         return n if self.max_examples is None else min(n, self.max_examples)
 
     @property
+    def smoke(self) -> bool:
+        """Whether this profile is cut to a smoke test (``COURSE_SMOKE=1``)."""
+        return self.max_steps is not None or self.max_examples is not None
+
+    @property
     def checks_claims(self) -> bool:
         """Whether the text's claims are asserted: on the full ``tiny`` profile, where they were measured."""
-        return self.name == "tiny" and self.max_steps is None and self.max_examples is None
+        return self.name == "tiny" and not self.smoke
 
 
 PROFILES: dict[str, Profile] = {
@@ -234,7 +239,7 @@ def describe_runtime() -> str:
 
     profile = get_profile()
     device = pick_device()
-    smoke = " (smoke test)" if profile.max_steps is not None else ""
+    smoke = " (smoke test)" if profile.smoke else ""
     return (
         f"profile={profile.name}{smoke} seed={run_seed()} device={device.type} "
         f"dtype={str(pick_dtype(device)).replace('torch.', '')} "

@@ -173,7 +173,7 @@ def _smoke() -> bool:
     """A smoke test (``COURSE_SMOKE=1``) trains a handful of steps: outcomes are not judged."""
     from ..config import get_profile
 
-    return get_profile().max_steps is not None
+    return get_profile().smoke
 
 
 def check_policy_run(
