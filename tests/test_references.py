@@ -47,3 +47,38 @@ def test_sum_and_average_logprobs_by_hand():
     labels = torch.tensor([[-100, 1, 2]])  # positions 0 and 1 predict tokens 1 and 2
     assert sequence_logprobs(logits, labels).item() == pytest.approx(2 * math.log(0.25))
     assert average_logprobs(logits, labels).item() == pytest.approx(math.log(0.25))
+
+
+def test_noise_robust_dpo_losses_by_hand():
+    from utils.dpo import conservative_dpo_loss, dpo_loss, ipo_loss
+
+    pc, pr, rc, rr = (
+        torch.tensor([-3.0, -5.0]),
+        torch.tensor([-4.0, -2.0]),
+        torch.tensor([-3.5]),
+        torch.tensor([-3.5]),
+    )
+    assert torch.isclose(
+        conservative_dpo_loss(pc, pr, rc, rr, 0.1, epsilon=0.0), dpo_loss(pc, pr, rc, rr, 0.1)
+    )
+    # cDPO's minimum is at a finite margin: beta * h = log((1 - eps) / eps)
+    eps, beta = 0.2, 0.5
+    h = torch.linspace(0, 10, 2001).requires_grad_(True)
+    loss = -(1 - eps) * torch.nn.functional.logsigmoid(beta * h) - eps * torch.nn.functional.logsigmoid(
+        -beta * h
+    )
+    best = h[loss.argmin()].item()
+    assert best == pytest.approx(math.log((1 - eps) / eps) / beta, abs=0.01)
+    assert conservative_dpo_loss(
+        torch.tensor([best]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), beta, eps
+    ) == pytest.approx(loss.min().item(), abs=1e-6)
+    # IPO is zero exactly at the target margin 1 / (2 beta)
+    assert (
+        ipo_loss(
+            torch.tensor([5.0]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), 0.1
+        ).item()
+        == 0.0
+    )
+    assert ipo_loss(
+        torch.tensor([7.0]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), 0.1
+    ).item() == pytest.approx(4.0)

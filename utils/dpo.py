@@ -36,6 +36,35 @@ def dpo_loss(
     return -F.logsigmoid(beta * (chosen_logratio - rejected_logratio)).mean()
 
 
+def conservative_dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+    epsilon: float = 0.1,
+) -> torch.Tensor:
+    """Conservative DPO (cDPO; Mitchell 2023): the DPO loss against labels smoothed by the chance
+    ``epsilon`` that a label is flipped, ``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``
+    with ``h`` the log-ratio difference. Its optimum keeps the implicit reward margin finite."""
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return (-(1 - epsilon) * F.logsigmoid(beta * h) - epsilon * F.logsigmoid(-beta * h)).mean()
+
+
+def ipo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+) -> torch.Tensor:
+    """IPO (Azar et al. 2024, eq. 17): ``(h - 1 / (2 beta))^2``, a squared loss that pulls the
+    log-ratio difference ``h`` to a finite target instead of pushing it to infinity (here on the
+    answers' summed log-probabilities; TRL's ``loss_type="ipo"`` divides each by its length first)."""
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return ((h - 1 / (2 * beta)) ** 2).mean()
+
+
 def pair_batch(tokenizer, rows, device=None) -> dict[str, torch.Tensor]:
     """One batch of preference pairs: ``[chosen; rejected]`` as prompt-masked, right-padded
     sequences (Chapter 2's ``completion_example`` and ``collate``), on ``device``."""
@@ -64,9 +93,11 @@ def train_dpo(
     desc: str = "DPO",
     show_progress: bool = True,
     callback=None,
+    loss_fn=None,
 ) -> pd.DataFrame:
     """Chapter 4's loop: DPO on conversational ``prompt/chosen/rejected`` pairs against a frozen
     ``reference`` (AdamW, the learning rate decayed linearly to 0 as TRL's default, clipping).
+    ``loss_fn`` replaces :func:`dpo_loss` (same arguments): Chapter 4's noise-robust variants.
 
     Returns one row per step: loss, implicit-reward accuracy and margin, and the policy's mean
     log-probabilities of the chosen and rejected answers. ``callback(step, policy)`` runs after every
@@ -95,7 +126,7 @@ def train_dpo(
             with torch.no_grad():
                 ref = logps_of(reference, batch)
             pol = logps_of(policy, batch)
-            loss = dpo_loss(pol[:n], pol[n:], ref[:n], ref[n:], beta)
+            loss = (loss_fn or dpo_loss)(pol[:n], pol[n:], ref[:n], ref[n:], beta)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
