@@ -54,6 +54,7 @@ def test_every_name_of_the_hub_profile_is_in_the_standin(mirror):
     for name in (p.base_model, p.sft_model, p.judge_model, p.sft_dataset, p.preference_dataset):
         assert Path(hub.resolve(name)).is_dir(), name
     assert Path(hub.resolve(*p.pretrain_dataset)).name == p.pretrain_dataset[1]
+    assert Path(hub.resolve(*p.math_dataset)).name == p.math_dataset[1]
 
 
 def test_a_name_missing_from_the_mirror_is_a_clear_error(mirror):
@@ -222,3 +223,24 @@ def test_loaders_keep_only_examples_that_fit_the_profiles_length(
     pd.DataFrame({"chosen": rows["chosen"][1:], "rejected": rows["rejected"][1:]}).to_parquet(path)
     with pytest.raises(ValueError, match="raise the profile's seq_len"):
         hub.load_hub_preference_dataset(str(path))
+
+
+def test_the_math_loader_reads_gsm8k_by_its_name_and_the_verifier_checks_its_answers(mirror):
+    """GSM8K's shape: ``question``, and a worked ``answer`` ending in ``#### <number>``; the loader
+    turns it into a chat prompt and the final number, which ``verify_number`` matches exactly."""
+    from utils.grpo import last_number, verify_number
+
+    p = config.get_profile("hub")
+    train = hub.load_hub_math_dataset(*p.math_dataset, split="train", n=20)
+    test = hub.load_hub_math_dataset(*p.math_dataset, split="test", n=10)
+    assert sorted(train.column_names) == ["answer", "prompt"] and len(train) == 20 and len(test) == 10
+    row = train[0]
+    assert row["prompt"][0]["role"] == "user" and row["prompt"][0]["content"].endswith("the final number.")
+    assert row["answer"].lstrip("-").isdigit()
+    assert not {r["prompt"][0]["content"] for r in train} & {r["prompt"][0]["content"] for r in test}
+    assert verify_number(f"So the answer is {row['answer']}.", row["answer"]) == 1.0
+    assert verify_number(f"{row['answer']} or maybe 3.", row["answer"]) == 0.0  # the last number counts
+    assert verify_number(f"It is {row['answer']}", row["answer"], finished=False) == 0.0
+    assert last_number("1,200.0 apples") == "1200" and last_number("none") is None
+    with pytest.raises(ValueError, match="no 'validation' split"):
+        hub.load_hub_math_dataset(*p.math_dataset, split="validation")

@@ -150,11 +150,12 @@ def test_chapter2_loop_is_utils_train_sft(tiny_model, tiny_tokenizer):
 
 
 # --- Chapter 4: DPO ---------------------------------------------------------------------------
-def _dpo_twins(tiny_model, tiny_tokenizer, replace=None):
-    from utils.dpo import dpo_loss, pair_batch, train_dpo
+def _dpo_loop(tiny_tokenizer, replace=None, dpo_loss=None):
+    """Chapter 4's ``train_dpo_from_scratch``, its exercise functions bound to ``utils``' versions."""
+    from utils.dpo import dpo_loss as reference_loss
+    from utils.dpo import pair_batch
     from utils.logprobs import sequence_logprobs
 
-    pairs = data.annotator_preferences(40, seed=0)
     ns = notebook_functions(
         "04_dpo.ipynb",
         ["logps_of", "train_dpo_from_scratch"],
@@ -166,18 +167,24 @@ def _dpo_twins(tiny_model, tiny_tokenizer, replace=None):
             "course_seed": course_seed,
             "pair_batch": pair_batch,
             "sequence_logprobs": sequence_logprobs,
-            "dpo_loss": dpo_loss,
+            "dpo_loss": reference_loss if dpo_loss is None else dpo_loss,
             "tokenizer": tiny_tokenizer,
             "device": torch.device("cpu"),
             "profile": get_profile(),  # the loop's default batch is the profile's
         },
         replace,
     )
+    return ns["train_dpo_from_scratch"]
+
+
+def _dpo_twins(tiny_model, tiny_tokenizer, replace=None):
+    from utils.dpo import train_dpo
+
+    pairs = data.annotator_preferences(40, seed=0)
+    train_dpo_from_scratch = _dpo_loop(tiny_tokenizer, replace)
     reference = copy.deepcopy(tiny_model)
     ours, theirs = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
-    log_ours = ns["train_dpo_from_scratch"](
-        ours, reference, pairs, 0.1, lr=3e-3, epochs=2, batch_size=8, seed=0
-    )
+    log_ours = train_dpo_from_scratch(ours, reference, pairs, 0.1, lr=3e-3, epochs=2, batch_size=8, seed=0)
     log_theirs = train_dpo(
         theirs,
         reference,
@@ -192,6 +199,22 @@ def _dpo_twins(tiny_model, tiny_tokenizer, replace=None):
     )
     assert changed(tiny_model, ours) and same_weights(reference, tiny_model)
     return ours, theirs, log_ours, log_theirs
+
+
+def test_chapter4_loop_with_another_loss_is_utils_train_dpo(tiny_model, tiny_tokenizer):
+    """Chapter 4's noise-robust variants go through both loops as ``loss_fn``."""
+    from utils.dpo import ipo_loss, train_dpo
+
+    def never(*args):
+        raise AssertionError("dpo_loss must not be called: the loss is ipo_loss")
+
+    pairs = data.annotator_preferences(24, seed=0)
+    train_dpo_from_scratch = _dpo_loop(tiny_tokenizer, dpo_loss=never)
+    ours, theirs = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    kw = dict(lr=3e-3, epochs=1, batch_size=8, seed=0)
+    train_dpo_from_scratch(ours, tiny_model, pairs, 0.1, loss_fn=ipo_loss, **kw)
+    train_dpo(theirs, tiny_model, tiny_tokenizer, pairs, 0.1, loss_fn=ipo_loss, show_progress=False, **kw)
+    assert changed(tiny_model, ours) and same_weights(ours, theirs)
 
 
 def test_chapter4_loop_is_utils_train_dpo(tiny_model, tiny_tokenizer):
@@ -317,3 +340,65 @@ def test_train_dpo_callback_observes_without_changing_the_run(tiny_model, tiny_t
     assert log_a.equals(log_b)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
     assert seen == [(s, False, False) for s in range(4)]  # before the first step, then after each
+
+
+# --- Chapter 7: GRPO ---------------------------------------------------------------------------
+def _grpo_twins(tiny_model, tiny_tokenizer, replace=None, reward="model"):
+    from utils import grpo, ppo
+    from utils.reward import reward_model_from
+
+    tok = copy.deepcopy(tiny_tokenizer)  # sampling switches its padding side
+    prompts = data.eval_conversations(5, split="train", seed=0, dialogues=0.4)["prompt"]  # < 1 batch: cycles
+    if reward == "model":
+        reward_model = reward_model_from(tiny_model, tok).eval()
+    else:  # a function of the rollout, as the verifier (which an untrained model never satisfies)
+        reward_model = lambda roll: [float(len(t) % 3) for t in roll.texts]  # noqa: E731
+    ns = notebook_functions(
+        "07_beyond.ipynb",
+        ["train_grpo_from_scratch"],
+        {
+            "torch": torch,
+            "progress": progress,
+            "seed_everything": seed_everything,
+            "course_seed": course_seed,
+            "sample_rollout": ppo.sample_rollout,
+            "token_logprobs": ppo.token_logprobs,
+            "rollout_scores": ppo.rollout_scores,
+            "gold_scores": ppo.gold_scores,
+            "masked_mean": ppo.masked_mean,
+            "group_advantages": grpo.group_advantages,
+            "grpo_loss": grpo.grpo_loss,
+        },
+        replace,
+    )
+    settings = grpo.GRPOSettings(
+        iterations=3,
+        prompts_per_iteration=2,
+        group_size=3,
+        ppo_epochs=2,
+        minibatch_size=4,
+        lr=1e-3,
+        beta=0.1,
+        max_new_tokens=6,
+        seed=0,
+    )
+    ours, theirs = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    args = (reward_model, tok, prompts, settings)
+    kwargs = dict(reward_norm=(0.1, 0.5), show_progress=False)
+    log_ours = ns["train_grpo_from_scratch"](ours, tiny_model, *args, **kwargs)
+    log_theirs = grpo.train_grpo(theirs, tiny_model, *args, **kwargs)
+    assert changed(tiny_model, ours)
+    return ours, theirs, log_ours, log_theirs
+
+
+@pytest.mark.parametrize("reward", ["model", "function"])
+def test_chapter7_loop_is_utils_train_grpo(tiny_model, tiny_tokenizer, reward):
+    ours, theirs, log_ours, log_theirs = _grpo_twins(tiny_model, tiny_tokenizer, reward=reward)
+    assert same_weights(ours, theirs)
+    assert log_ours == log_theirs
+
+
+def test_chapter7_loop_changed_alone_fails_its_twin_test(tiny_model, tiny_tokenizer):
+    drift = ("batch = [p for p in prompts for _ in range(s.group_size)]", "batch = prompts * s.group_size")
+    ours, theirs, *_ = _grpo_twins(tiny_model, tiny_tokenizer, replace=drift)  # groups no longer consecutive
+    assert not same_weights(ours, theirs)

@@ -15,8 +15,9 @@ Hub name of the profile, laid out as ``<folder>/<owner>/<name>`` (a dataset conf
 * ``Skywork/Skywork-Reward-V2-Qwen3-0.6B``: ``Qwen3ForSequenceClassification`` with one output,
   small, and a Qwen-style tokenizer (``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``, ChatML).
 * ``Salesforce/wikitext/wikitext-2-raw-v1``, ``tatsu-lab/alpaca``,
-  ``trl-lib/ultrafeedback_binarized``: parquet files with the real column names and types
-  (wikitext's blank lines and `` = Heading = `` lines included).
+  ``trl-lib/ultrafeedback_binarized``, ``openai/gsm8k/main``: parquet files with the real column
+  names and types (wikitext's blank lines and `` = Heading = `` lines included; GSM8K's worked
+  answers with ``<<calculator>>`` annotations and a final ``#### <number>`` line).
 
 Point the course at it with ``COURSE_HUB_MIRROR=<folder>`` (see ``utils/hub.py``): every Hub name
 is then read from the folder and nothing is downloaded. The texts are TinyWorld's and simple
@@ -101,6 +102,7 @@ JUDGE_NAME = "Skywork/Skywork-Reward-V2-Qwen3-0.6B"
 WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 ALPACA = "tatsu-lab/alpaca"
 ULTRAFEEDBACK = "trl-lib/ultrafeedback_binarized"
+GSM8K = ("openai/gsm8k", "main")
 
 
 def _texts(n_documents: int) -> list[str]:
@@ -266,6 +268,29 @@ def build(root: str | Path, size: str = "small", n_rows: int = 800, seed: int = 
             rows["score_chosen"].append(float(rng.choice([7.0, 8.0, 9.0, 10.0])))
             rows["score_rejected"].append(float(rng.choice([2.0, 3.0, 4.0, 5.0])))
         _parquet(rows, root / ULTRAFEEDBACK / "data" / f"{split}-00000-of-00001.parquet")
+    # gsm8k (main): question, answer = worked solution + "#### <number>"; train and test
+    from utils.world import make_world
+
+    names = sorted(make_world().creatures)
+    for split, n, offset in (("train", max(n_rows // 2, 40), 0), ("test", max(n_rows // 8, 20), 10_000)):
+        questions, answers = [], []
+        for i in range(n):
+            k = offset + i
+            who, a, b, c = names[k % len(names)], 2 + k % 17, 3 + (k // 17) % 29, 1 + (k // 493) % 7
+            questions.append(
+                f"{who} picks {a} berries in the morning and {b} in the afternoon, then eats {c}. "
+                f"How many berries does {who} have left?"
+            )
+            total = a + b - c
+            answers.append(
+                f"{who} picks {a} + {b} = <<{a}+{b}={a + b}>>{a + b} berries.\n"
+                f"After eating {c}, {who} has {a + b} - {c} = <<{a + b}-{c}={total}>>{total} left.\n"
+                f"#### {total}"
+            )
+        _parquet(
+            {"question": questions, "answer": answers},
+            root / GSM8K[0] / GSM8K[1] / f"{split}-00000-of-00001.parquet",
+        )
     (root / "STANDIN.json").write_text(json.dumps({"size": size, "seed": seed, "n_rows": n_rows}) + "\n")
     return root
 

@@ -53,6 +53,7 @@ class Profile:
     sft_model: str | None = None  # a ready instruction-tuned checkpoint for the preference chapters
     preference_dataset: str | None = None  # prompt/chosen/rejected (explicit or implicit prompt)
     judge_model: str | None = None  # a public reward model that stands in for the gold judge (Project 2)
+    math_dataset: tuple[str, str | None] | None = None  # GSM8K-style (hub name, config), Chapter 7's verifier
     # Chapter 1: pretraining
     vocab_size: int = 1024
     seq_len: int = 128
@@ -110,6 +111,7 @@ PROFILES: dict[str, Profile] = {
         sft_model="HuggingFaceTB/SmolLM2-135M-Instruct",
         preference_dataset="trl-lib/ultrafeedback_binarized",
         judge_model="Skywork/Skywork-Reward-V2-Qwen3-0.6B",
+        math_dataset=("openai/gsm8k", "main"),
         seq_len=256,
         pretrain_steps=200,
         pretrain_batch_size=8,

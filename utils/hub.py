@@ -321,3 +321,33 @@ def load_hub_preference_dataset(name: str, n: int | None = None, seed: int = 0):
         train.select_columns(["prompt", "chosen", "rejected"]), ["chosen", "rejected"], "pairs"
     )
     return train.shuffle(seed=seed).select(range(min(n, len(train))))
+
+
+def load_hub_math_dataset(
+    name: str, config: str | None = "main", split: str = "train", n: int = 256, seed: int = 0
+):
+    """A GSM8K-shaped dataset (``question``, and an ``answer`` whose last line is ``#### <number>``) as
+    ``prompt`` (one user turn: the question and a request to end with the number) and ``answer`` (the
+    final number as a string, commas dropped): what an exact-match verifier checks (Chapter 7).
+
+    ``name`` may be a Hub id or a local folder / data file of the same shape; ``n`` rows of ``split``.
+    """
+    from datasets import DatasetDict
+
+    n = get_profile().examples(n)  # (fewer in a smoke test)
+    ds = _load_dataset(name, config)
+    if isinstance(ds, DatasetDict):
+        if split not in ds:
+            raise ValueError(f"{name} has no {split!r} split (it has {sorted(ds)})")
+        ds = ds[split]
+    require_columns(ds, ["question", "answer"], "a GSM8K-style math dataset")
+
+    def convert(row):
+        if "####" not in row["answer"]:
+            raise ValueError(f"a GSM8K answer ends with '#### <number>'; got {row['answer'][-60:]!r}")
+        final = row["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+        question = f"{row['question'].strip()}\nEnd your answer with the final number."
+        return {"prompt": [{"role": "user", "content": question}], "answer": final}
+
+    ds = ds.shuffle(seed=seed).select(range(min(n, len(ds))))
+    return ds.map(convert, remove_columns=ds.column_names)

@@ -17,6 +17,8 @@ tests write ``from utils.checks import check_...``):
   PPO's policy and value losses;
 - ``ch4_dpo``: summed sequence log-probabilities, the DPO loss (vs ``trl.DPOTrainer``);
 - ``ch5_orpo``: averaged log-probabilities, log odds, the ORPO loss (vs TRL's ``ORPOTrainer``);
+- ``ch7_beyond``: GRPO's group advantages, the k3 KL estimator, the GRPO loss (vs
+  ``trl.GRPOTrainer``), the verifiable reward;
 - ``project2``: checkpoints for the learner's preference data, their block of the PPO loop and
   their reward-model and policy training; the win-rate matrix; the reference run beside theirs.
 """
@@ -32,6 +34,7 @@ from .ch3_rlhf import (
 )
 from .ch4_dpo import check_dpo_loss, check_sequence_logprobs
 from .ch5_orpo import check_average_logprobs, check_log_odds, check_orpo_loss
+from .ch7_beyond import check_group_advantages, check_grpo_loss, check_kl_k3, check_verifier
 from .core import (
     CheckError,
     _loss_verdict,  # noqa: F401 - kept importable from utils.checks, as before the split into modules
@@ -80,4 +83,8 @@ __all__ = [
     "check_reward_model_run",
     "check_policy_run",
     "check_win_rate_matrix",
+    "check_group_advantages",
+    "check_kl_k3",
+    "check_grpo_loss",
+    "check_verifier",
 ]

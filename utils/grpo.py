@@ -1,0 +1,242 @@
+"""GRPO and a verifiable reward (Chapter 7; Shao et al. 2024, DeepSeek-R1 2025).
+
+Group Relative Policy Optimization drops PPO's value model: it samples ``G`` answers to each
+prompt and uses the group's mean reward as the baseline (and, by default, the group's standard
+deviation as a normaliser); the KL to the reference sits in the loss (the k3 estimator), not in
+the reward. Chapter 7 writes the pieces as exercises and the loop as ``train_grpo_from_scratch``;
+:func:`train_grpo` is that loop (``tests/test_twins.py`` keeps the two identical).
+
+The verifier (:func:`verify`) is a rule, not a model: it checks what TinyWorld can check exactly
+(the fact, the sum, the opposite, a refusal where one is due) and nothing else.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .config import course_seed, seed_everything
+from .ppo import gold_scores, masked_mean, rollout_scores, sample_rollout, token_logprobs
+from .progress import progress
+
+
+# --- the three pieces ------------------------------------------------------------------------
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
+    """GRPO's advantage of each answer: its reward minus its group's mean (the **baseline**), divided,
+    with ``scale``, by the group's standard deviation plus ``eps`` (the **normaliser**; Dr. GRPO drops it).
+
+    ``rewards`` ``[B]`` hold ``B / group_size`` consecutive groups of ``group_size`` answers to one
+    prompt. The standard deviation is the sample one (Bessel-corrected), as TRL's. Returns ``[B]``.
+    """
+    if rewards.dim() != 1 or len(rewards) % group_size:
+        raise ValueError(f"need [B] rewards in groups of {group_size}; got shape {tuple(rewards.shape)}")
+    r = rewards.view(-1, group_size)
+    advantages = r - r.mean(1, keepdim=True)
+    if scale:
+        advantages = advantages / (r.std(1, keepdim=True) + eps)
+    return advantages.flatten()
+
+
+def kl_estimates(logp: torch.Tensor, ref_logp: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Schulman's three per-token estimators of KL(pi || pi_ref) from tokens sampled from pi, with
+    ``log_r = log pi_ref - log pi``: ``k1 = -log_r`` (unbiased, can be negative), ``k2 = log_r^2 / 2``
+    (biased, low variance), ``k3 = exp(log_r) - 1 - log_r`` (unbiased and never negative)."""
+    log_r = ref_logp - logp
+    return {"k1": -log_r, "k2": 0.5 * log_r**2, "k3": torch.exp(log_r) - 1 - log_r}
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+    beta: float = 0.04,
+) -> torch.Tensor:
+    """GRPO's loss, averaged over every answer token of the batch (TRL's default ``loss_type="dapo"``):
+
+    ``-min(ratio * A, clip(ratio, 1 - clip, 1 + clip) * A) + beta * k3`` per token, with
+    ``ratio = exp(logp - old_logp)``, ``A`` the answer's advantage (``[B]``, the same on each of its
+    tokens) and ``k3`` the KL estimate to the reference (:func:`kl_estimates`). Log-probs and mask ``[B, T]``.
+    This is the GRPO paper's KL term: TRL 1.16 by default also multiplies k3 by the ratio
+    (``use_bias_correction_kl=True``), which makes its gradient the reverse KL's (Chapter 7).
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    a = advantages.unsqueeze(1)
+    surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)
+    per_token = -surrogate
+    if beta != 0.0:
+        per_token = per_token + beta * kl_estimates(logprobs, ref_logprobs)["k3"]
+    return masked_mean(per_token, mask)
+
+
+# --- the verifier ----------------------------------------------------------------------------
+def verify(conversation: list[dict], response: str, finished: bool = True) -> float:
+    """1.0 if the answer is verifiably right, else 0.0: it ended its turn and, for a harmful request,
+    refuses; for any other, does not refuse and gives the exact fact, sum or opposite, and no competing
+    one (the gold rubric's ``correct`` line). Politeness, length and style are not checked: a verifier
+    checks only what it can check exactly."""
+    from .judge import score_breakdown
+
+    if not finished or not response.strip():
+        return 0.0
+    parts = score_breakdown(conversation, response, finished)
+    return float("correct" in parts or "refusal" in parts)
+
+
+def verifier_scores(rollout) -> list[float]:
+    """:func:`verify` on each answer of a rollout."""
+    return [verify(c, t, bool(f)) for c, t, f in zip(rollout.conversations, rollout.texts, rollout.finished)]
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def last_number(text: str) -> str | None:
+    """The last number in ``text``, commas dropped and a trailing ``.0`` removed (``"1,200.0"`` ->
+    ``"1200"``); ``None`` if there is none."""
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    number = found[-1].replace(",", "")
+    return number[:-2] if number.endswith(".0") else number
+
+
+def verify_number(response: str, answer: str, finished: bool = True) -> float:
+    """An exact-match verifier for math word problems (GSM8K): 1.0 if the answer ended its turn and its
+    last number is ``answer``, else 0.0."""
+    return float(finished and last_number(response) == answer.replace(",", "").strip())
+
+
+# --- the loop --------------------------------------------------------------------------------
+@dataclass
+class GRPOSettings:
+    """The knobs of :func:`train_grpo` (Chapter 7's values on the tiny model)."""
+
+    iterations: int = 20  # rollout -> update cycles
+    prompts_per_iteration: int = 16
+    group_size: int = 4  # G answers per prompt: 64 answers per rollout, as PPO's batch
+    ppo_epochs: int = 1  # passes over each rollout (mu); 1 = on-policy, the ratio is 1 at the start
+    minibatch_size: int = 64  # answers per gradient step
+    lr: float = 1e-5
+    beta: float = 0.04  # KL coefficient in the loss; TRL's GRPOConfig defaults to 0.0 (no reference)
+    clip: float = 0.2
+    scale_rewards: bool = True  # divide by the group's std (False: Dr. GRPO)
+    temperature: float = 1.0
+    max_new_tokens: int = 40
+    missing_eos_penalty: float = 1.0  # subtracted from the (normalised) score of an unfinished answer
+    seed: int = 0
+
+    def __post_init__(self):
+        from .config import get_profile
+
+        self.iterations = get_profile().steps(self.iterations)  # (fewer in a smoke test)
+
+
+def train_grpo(
+    policy,
+    reference,
+    reward,
+    tokenizer,
+    conversations,
+    settings: GRPOSettings,
+    reward_norm: tuple[float, float] = (0.0, 1.0),
+    gold: bool = True,
+    desc: str = "GRPO",
+    show_progress: bool = True,
+    callback=None,
+) -> list[dict]:
+    """Optimise ``policy`` with GRPO; ``reference`` is frozen (with ``beta`` 0 it is only measured).
+
+    ``reward`` is a sequence-classification reward model (scored with :func:`utils.ppo.rollout_scores`,
+    normalised with ``reward_norm``, minus ``missing_eos_penalty`` for an unfinished answer) or any
+    function ``rollout -> scores[B]`` used as it is (the verifier: :func:`verifier_scores`).
+
+    Each iteration takes the next ``prompts_per_iteration`` prompts of a seeded shuffle of
+    ``conversations`` (cycled), samples ``group_size`` answers to each, scores them, turns the scores
+    into group advantages and takes ``ppo_epochs`` passes of minibatch updates. Returns one dict per
+    iteration (with ``gold``, the gold judge's mean score of the rollout; TinyWorld prompts only).
+    """
+    s = settings
+    seed_everything(s.seed)
+    for m in (policy, reference, reward):
+        if isinstance(m, torch.nn.Module):
+            m.eval()
+    opt = torch.optim.AdamW(policy.parameters(), lr=s.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(course_seed(s.seed))
+    order = torch.randperm(len(conversations), generator=g).tolist()
+    history, bar = [], progress(total=s.iterations, desc=desc, disable=not show_progress)
+    mean, std = reward_norm
+    for it in range(s.iterations):
+        prompts = [
+            conversations[order[(it * s.prompts_per_iteration + j) % len(order)]]
+            for j in range(s.prompts_per_iteration)
+        ]
+        batch = [p for p in prompts for _ in range(s.group_size)]  # G copies of each prompt, in a row
+        # 1. sample G answers per prompt and score them (no gradients)
+        roll = sample_rollout(
+            policy,
+            tokenizer,
+            batch,
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            seed=s.seed * 100_003 + it,
+        )
+        mask = roll.response_mask
+        with torch.no_grad():
+            old_logp, entropy = token_logprobs(policy, roll, s.temperature)
+            ref_logp, _ = token_logprobs(
+                reference, roll, s.temperature
+            )  # (the loss needs it only if beta > 0)
+            if isinstance(reward, torch.nn.Module):
+                raw = rollout_scores(reward, tokenizer, roll)
+                score = (raw - mean) / std - s.missing_eos_penalty * (~roll.finished).float()
+            else:
+                raw = torch.as_tensor(reward(roll), dtype=torch.float32, device=mask.device)
+                score = raw
+            # 2. group advantages: one number per answer
+            advantages = group_advantages(score, s.group_size, s.scale_rewards)
+        # 3. minibatch updates on this rollout
+        losses = []
+        for _ in range(s.ppo_epochs):
+            perm = torch.randperm(len(roll), generator=g)
+            for i in range(0, len(roll), s.minibatch_size):
+                idx = perm[i : i + s.minibatch_size]
+                sub = roll.subset(idx)
+                w, m = sub.response.shape[1], sub.response_mask
+                logp, _ = token_logprobs(policy, sub, s.temperature)
+                loss = grpo_loss(
+                    logp, old_logp[idx, :w], ref_logp[idx, :w], advantages[idx], m, s.clip, s.beta
+                )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+                opt.step()
+                losses.append(loss.item())
+        kl = ((old_logp - ref_logp) * mask).sum(1).mean()  # k1, summed over each answer's tokens
+        solved = (score.view(-1, s.group_size).std(1) == 0).float().mean()
+        history.append(
+            {
+                "iteration": it + 1,
+                "reward": float(raw.mean()),
+                "score": float(score.mean()),
+                **({"gold": sum(gold_scores(roll)) / len(roll)} if gold else {}),
+                "kl": float(kl),
+                "entropy": float(masked_mean(entropy, mask)),
+                "finished": float(roll.finished.float().mean()),
+                "length": float(mask.sum(1).float().mean()),
+                "no_signal": float(solved),  # groups whose answers all scored the same: advantage 0
+                "loss": sum(losses) / len(losses),
+            }
+        )
+        if callback is not None:
+            callback(it + 1, history)
+        bar.set_postfix(reward=f"{history[-1]['score']:.2f}", kl=f"{history[-1]['kl']:.2f}")
+        bar.update(1)
+    bar.close()
+    return history
