@@ -315,7 +315,8 @@ def check_verifier(fn) -> None:
 
     name = getattr(fn, "__name__", "verify")
     world = make_world()
-    for conv, response, finished in verifier_cases():
+    cases = verifier_cases()
+    for conv, response, finished in cases:
         got = call_learner(fn, name, conv, response, finished)
         want = reference(conv, response, finished)
         if float(got) == want:
@@ -340,4 +341,4 @@ def check_verifier(fn) -> None:
             f"`{name}` returned {got!r} for {conv[-1]['content']!r} -> {response!r} (finished={finished}), "
             f"should be {want}: {hint}"
         )
-    passed(f"`{name}` agrees with the rule on {len(verifier_cases())} answers in every style")
+    passed(f"`{name}` agrees with the rule on {len(cases)} answers in every style")
