@@ -43,3 +43,38 @@ def quiet_transformers(errors_only: bool = False):
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+
+
+def trainer_bar(trainer, desc: str | None = None):
+    """Show a ``transformers``/TRL trainer's progress as one of the course's bars, and stop it
+    printing a dict of metrics at every logging step (dozens of lines in an executed notebook).
+
+    The bar's postfix is the last logged training loss. The logs themselves are untouched: read
+    them from ``trainer.state.log_history``. Returns the trainer.
+    """
+    from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+    from transformers.utils.notebook import NotebookProgressCallback
+
+    class _TrainerBar(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = progress(total=state.max_steps, desc=desc or type(trainer).__name__)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is not None and logs and "loss" in logs:
+                self.bar.set_postfix(loss=f"{logs['loss']:.3f}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    for printer in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
+        trainer.remove_callback(printer)
+    trainer.add_callback(_TrainerBar())
+    return trainer
