@@ -57,6 +57,74 @@ def test_reward_model_learns_the_preferences():
     assert acc["vs_labels"] > 0.6 and acc["vs_gold"] > 0.65, acc
 
 
+def _k_answer_pairs(n_prompts=3, k=3):
+    """Every pair of k answers to each of n prompts, labelled one way or the other, shuffled."""
+    import itertools
+    import random
+
+    import datasets
+
+    rows = []
+    for i in range(n_prompts):
+        prompt = [{"role": "user", "content": f"What colour is creature {i}?"}]
+        answers = [[{"role": "assistant", "content": f"It is colour {i}-{j}."}] for j in range(k)]
+        for a, b in itertools.combinations(range(k), 2):
+            chosen, rejected = (a, b) if (a + b + i) % 2 else (b, a)
+            rows.append({"prompt": prompt, "chosen": answers[chosen], "rejected": answers[rejected]})
+    random.Random(0).shuffle(rows)
+    return datasets.Dataset.from_list(rows)
+
+
+def test_grouping_by_prompt_scores_each_answer_once_and_keeps_every_comparison():
+    from utils.reward import _by_prompt
+
+    pairs = _k_answer_pairs(n_prompts=3, k=4)
+    groups = _by_prompt(pairs.to_list())
+    assert len(groups) == 3
+    assert all(len(answers) == 4 and len(comps) == 6 for _, answers, comps in groups)
+    rebuilt = sorted(
+        (str(p), str(answers[c]), str(answers[r])) for p, answers, comps in groups for c, r in comps
+    )
+    assert rebuilt == sorted((str(r["prompt"]), str(r["chosen"]), str(r["rejected"])) for r in pairs)
+
+
+def test_by_prompt_step_is_the_bradley_terry_loss_of_all_its_comparisons(tiny_model, tiny_tokenizer):
+    """One step over every prompt: the logged loss is eq. (1) over all the comparisons, computed with
+    each answer scored once, and equals the flat loss on the same weights."""
+    pairs = _k_answer_pairs(n_prompts=3, k=3)
+    rm = reward_model_from(tiny_model, tiny_tokenizer)
+    rows = pairs.to_list()
+    with torch.no_grad():
+        rc = reward_scores(rm, tiny_tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows])
+        rr = reward_scores(rm, tiny_tokenizer, [r["prompt"] for r in rows], [r["rejected"] for r in rows])
+    expected = bradley_terry_loss(rc, rr).item()
+    grouped = train_reward_model(
+        rm, tiny_tokenizer, pairs, by_prompt=True, batch_size=3, lr=1e-3, show_progress=False
+    )
+    assert len(grouped) == 1 and grouped[0]["comparisons"] == len(pairs)
+    assert math.isclose(grouped[0]["loss"], expected, rel_tol=1e-5)
+
+
+def test_reward_training_logs_held_out_loss(tiny_model, tiny_tokenizer):
+    pairs = _k_answer_pairs(n_prompts=4, k=3)
+    rm = reward_model_from(tiny_model, tiny_tokenizer)
+    history = train_reward_model(
+        rm,
+        tiny_tokenizer,
+        pairs,
+        by_prompt=True,
+        batch_size=1,
+        lr=1e-3,
+        eval_pairs=pairs,
+        eval_every=2,
+        show_progress=False,
+    )
+    evals = [h for h in history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [0, 2, 4]
+    assert math.isclose(evals[0]["eval_loss"], math.log(2), abs_tol=0.2)
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"], "training on these pairs must lower their loss"
+
+
 # --- the reference PPO ---------------------------------------------------------------------
 def _prompts(n):
     from utils.data import eval_conversations

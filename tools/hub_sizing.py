@@ -283,7 +283,7 @@ WORKLOAD = {
     "01_pretraining": [("pretrain", "fp32", 200), ("pretrain", "fp16", 50), ("forward", "fp32", 2 * 250_000)],
     "02_sft": [("sft", "fp32", 375 + 188 * 2 + 100), ("sft", "fp16", 125), ("lora", "fp32", 188),
                ("forward", "fp32", 3 * 250_000), ("generate", "fp32", 3 * 7)],
-    "03_rlhf": [("reward_model", "fp16", 68), ("ppo", "fp32", 16 + 12), ("rloo", "fp16", 16),
+    "03_rlhf": [("reward_model", "fp32", 68), ("ppo", "fp32", 16 + 16), ("rloo", "fp16", 16),
                 ("generate", "fp32", 8 * 7 + 12)],
     "04_dpo": [("dpo", "fp32", 6 * 68), ("dpo", "fp16", 68), ("generate", "fp32", 6 * 7)],
     "05_orpo": [("orpo", "fp32", 40), ("orpo", "fp16", 136), ("sft", "fp32", 375), ("dpo", "fp32", 68),

@@ -2,12 +2,14 @@
 
 It is ``AutoModelForSequenceClassification`` with one label, which reads the last non-padding
 token - the layout ``trl.RewardTrainer`` trains - fitted with the Bradley-Terry loss
-``-log sigmoid(r(x, y_w) - r(x, y_l))`` (InstructGPT, eq. 1). Chapter 3 writes the loss and trains
-with ``RewardTrainer``; Project 2 calls :func:`train_reward_model`.
+``-log sigmoid(r(x, y_w) - r(x, y_l))`` (InstructGPT, eq. 1). Chapter 3 writes the loss (its checker
+compares it with ``trl.RewardTrainer``'s) and trains with :func:`train_reward_model` grouped by prompt,
+as InstructGPT did; Project 2 and Chapter 7 call it on flat pairs, as ``RewardTrainer`` trains.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 
 import torch
@@ -63,6 +65,35 @@ def reward_scores(
     return torch.cat(out)
 
 
+def _by_prompt(rows) -> list[tuple[list, list, list[tuple[int, int]]]]:
+    """Group comparisons by prompt: (prompt, distinct answers, [(chosen, rejected) indices])."""
+    groups: dict[str, tuple[list, list, list, dict]] = {}
+    for r in rows:
+        key = json.dumps(r["prompt"], sort_keys=True)
+        prompt, answers, pairs, index = groups.setdefault(key, (r["prompt"], [], [], {}))
+        ids = []
+        for answer in (r["chosen"], r["rejected"]):
+            a = json.dumps(answer, sort_keys=True)
+            if a not in index:
+                index[a] = len(answers)
+                answers.append(answer)
+            ids.append(index[a])
+        pairs.append(tuple(ids))
+    return [(p, a, c) for p, a, c, _ in groups.values()]
+
+
+def heldout_loss(rm, tokenizer, pairs) -> dict[str, float]:
+    """Bradley-Terry loss and accuracy of ``rm`` on labelled pairs, without gradients."""
+    was_training = rm.training
+    rm.eval()
+    prompts = list(pairs["prompt"])
+    n = len(prompts)
+    r = reward_scores(rm, tokenizer, prompts + prompts, list(pairs["chosen"]) + list(pairs["rejected"]))
+    rc, rr = r[:n].float(), r[n:].float()
+    rm.train(was_training)
+    return {"loss": bradley_terry_loss(rc, rr).item(), "accuracy": (rc > rr).float().mean().item()}
+
+
 def train_reward_model(
     rm,
     tokenizer,
@@ -72,39 +103,90 @@ def train_reward_model(
     lr: float = 1e-4,
     batch_size: int = 32,
     seed: int = 0,
+    by_prompt: bool = False,
+    eval_pairs=None,
+    eval_every: int = 0,
+    desc: str = "reward model",
     show_progress: bool = True,
 ) -> list[dict]:
-    """Fit ``rm`` to ``prompt/chosen/rejected`` pairs with the Bradley-Terry loss."""
+    """Fit ``rm`` to ``prompt/chosen/rejected`` pairs with the Bradley-Terry loss.
+
+    Flat (default): a batch is ``batch_size`` comparisons, each answer scored once per comparison
+    it is in - the shuffled dataset ``trl.RewardTrainer`` trains on. ``by_prompt``: InstructGPT's
+    recipe - a batch element is one prompt with all its comparisons; each distinct answer is scored
+    once and every comparison of the prompt enters the same step (``batch_size`` counts prompts).
+
+    Returns one row per step (``step``, ``loss``, ``accuracy``, ``comparisons``) and, with
+    ``eval_pairs`` and ``eval_every``, rows with ``eval_loss``/``eval_accuracy`` on those pairs at
+    step 0, every ``eval_every`` steps and at the end.
+    """
     require_columns(pairs, ["prompt", "chosen", "rejected"], "reward-model training")
     seed_everything(seed)
     rows = pairs.select_columns(["prompt", "chosen", "rejected"]).to_list()
+    units = _by_prompt(rows) if by_prompt else rows
     opt = torch.optim.AdamW(rm.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(course_seed(seed))
-    total = epochs * ((len(rows) + batch_size - 1) // batch_size)
-    history, bar = [], progress(total=total, desc="reward model", disable=not show_progress)
+    total = epochs * ((len(units) + batch_size - 1) // batch_size)
+    history, bar = [], progress(total=total, desc=desc, disable=not show_progress)
+
+    def evaluate(step):
+        if eval_pairs is not None and eval_every:
+            ev = heldout_loss(rm, tokenizer, eval_pairs)
+            history.append({"step": step, "eval_loss": ev["loss"], "eval_accuracy": ev["accuracy"]})
+
     rm.train()
+    evaluate(0)
+    step = 0
     for _ in range(epochs):
-        order = torch.randperm(len(rows), generator=g).tolist()
+        order = torch.randperm(len(units), generator=g).tolist()
         for i in range(0, len(order), batch_size):
-            chunk = [rows[j] for j in order[i : i + batch_size]]
-            prompts = [r["prompt"] for r in chunk]
-            rewards = reward_scores(
-                rm,
-                tokenizer,
-                prompts + prompts,
-                [r["chosen"] for r in chunk] + [r["rejected"] for r in chunk],
-                batch_size=2 * len(chunk),
-                grad=True,
-            )
-            rc, rr = rewards[: len(chunk)], rewards[len(chunk) :]
+            chunk = [units[j] for j in order[i : i + batch_size]]
+            if by_prompt:
+                prompts = [p for p, answers, _ in chunk for _ in answers]
+                rewards = reward_scores(
+                    rm,
+                    tokenizer,
+                    prompts,
+                    [a for _, answers, _ in chunk for a in answers],
+                    batch_size=len(prompts),
+                    grad=True,
+                )
+                chosen, rejected, offset = [], [], 0
+                for _, answers, comparisons in chunk:
+                    chosen += [offset + c for c, _ in comparisons]
+                    rejected += [offset + r for _, r in comparisons]
+                    offset += len(answers)
+                rc, rr = rewards[chosen], rewards[rejected]
+            else:
+                prompts = [r["prompt"] for r in chunk]
+                rewards = reward_scores(
+                    rm,
+                    tokenizer,
+                    prompts + prompts,
+                    [r["chosen"] for r in chunk] + [r["rejected"] for r in chunk],
+                    batch_size=2 * len(chunk),
+                    grad=True,
+                )
+                rc, rr = rewards[: len(chunk)], rewards[len(chunk) :]
             loss = bradley_terry_loss(rc, rr)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
             opt.step()
-            history.append({"loss": loss.item(), "accuracy": (rc > rr).float().mean().item()})
+            step += 1
+            history.append(
+                {
+                    "step": step,
+                    "loss": loss.item(),
+                    "accuracy": (rc > rr).float().mean().item(),
+                    "comparisons": len(rc),
+                }
+            )
+            if eval_every and step % eval_every == 0 and step < total:
+                evaluate(step)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             bar.update(1)
+    evaluate(step)
     bar.close()
     rm.eval()
     return history
