@@ -82,14 +82,20 @@ def _by_prompt(rows) -> list[tuple[list, list, list[tuple[int, int]]]]:
     return [(p, a, c) for p, a, c, _ in groups.values()]
 
 
+def _pair_rewards(rm, tokenizer, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rewards of each pair's chosen and of its rejected answer, ``[N]`` each, on the CPU (where
+    the metrics beside them are computed). Call with ``rm`` in eval mode."""
+    prompts = list(pairs["prompt"])
+    rc = reward_scores(rm, tokenizer, prompts, list(pairs["chosen"])).cpu()
+    rr = reward_scores(rm, tokenizer, prompts, list(pairs["rejected"])).cpu()
+    return rc, rr
+
+
 def heldout_loss(rm, tokenizer, pairs) -> dict[str, float]:
     """Bradley-Terry loss and accuracy of ``rm`` on labelled pairs, without gradients."""
     was_training = rm.training
     rm.eval()
-    prompts = list(pairs["prompt"])
-    n = len(prompts)
-    r = reward_scores(rm, tokenizer, prompts + prompts, list(pairs["chosen"]) + list(pairs["rejected"]))
-    rc, rr = r[:n].float(), r[n:].float()
+    rc, rr = (r.float() for r in _pair_rewards(rm, tokenizer, pairs))
     rm.train(was_training)
     return {"loss": bradley_terry_loss(rc, rr).item(), "accuracy": (rc > rr).float().mean().item()}
 
@@ -196,9 +202,7 @@ def pairwise_accuracy(rm, tokenizer, pairs) -> dict[str, float]:
     """How often the reward model prefers the labelled-chosen answer; with gold scores present,
     also how often it prefers the gold-better one (pairs with equal gold skipped)."""
     rm.eval()
-    prompts = list(pairs["prompt"])
-    rc = reward_scores(rm, tokenizer, prompts, list(pairs["chosen"])).cpu()  # metrics are computed on the CPU
-    rr = reward_scores(rm, tokenizer, prompts, list(pairs["rejected"])).cpu()
+    rc, rr = _pair_rewards(rm, tokenizer, pairs)
     out = {"vs_labels": float((rc > rr).float().mean())}
     if "gold_chosen" in pairs.column_names:
         gc, gr = torch.tensor(pairs["gold_chosen"]), torch.tensor(pairs["gold_rejected"])
