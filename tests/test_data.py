@@ -154,6 +154,45 @@ def test_eval_conversations_asks_for_too_many():
         D.eval_conversations(5000, dialogues=0.01)
 
 
+def test_evaluation_set_is_chapter_2s_800_prompts_and_prints_its_mix(capsys):
+    ds = D.evaluation_set()
+    assert ds["prompt"] == D.eval_conversations(800, split="test", seed=0, dialogues=0.25)["prompt"]
+    assert ds["kind"].count("dialogue") == 200
+    out = capsys.readouterr().out
+    assert "800 held-out prompts" in out and D.kind_mix(ds["kind"]) in out
+
+
+@pytest.mark.parametrize("n", [160, 200, 400, 7])
+def test_evaluation_subsets_keep_the_mix_and_the_order(n, capsys):
+    full = D.evaluation_set(show=False)
+    sub = D.evaluation_set(n)
+    assert len(sub) == n
+    assert f"{n} of the 800" in capsys.readouterr().out
+    # a subsequence of the full set, in its order
+    it = iter(full["prompt"])
+    assert all(any(p == q for q in it) for p in sub["prompt"])
+    for kind in set(full["kind"]):
+        share, sub_count = full["kind"].count(kind) / len(full), sub["kind"].count(kind)
+        assert abs(sub_count - n * share) < 1, (kind, sub_count, n * share)
+
+
+def test_the_book_states_the_evaluation_sets_mix():
+    from pathlib import Path
+
+    ds = D.evaluation_set(show=False)
+    page = " ".join((Path(__file__).parent.parent / "book" / "tinyworld.md").read_text().split())
+    assert D.kind_mix(ds["kind"]) in page
+    counts = {k: ds["kind"].count(k) for k in ("fact", "unsafe", "opposite", "math", "dialogue")}
+    stated = "({fact} fact questions, {unsafe} unsafe requests and {opposite} opposites), {math} sums"
+    assert stated.format(**counts) + f", and {counts['dialogue']}" in page
+
+
+def test_evaluation_set_is_the_same_for_every_course_seed(monkeypatch):
+    a = D.evaluation_set(160, show=False)["prompt"]
+    monkeypatch.setenv("COURSE_SEED", "2")
+    assert D.evaluation_set(160, show=False)["prompt"] == a
+
+
 # --- preferences ---------------------------------------------------------------------------
 def _convs(*texts):
     return [[{"role": "user", "content": t}] for t in texts]

@@ -7,6 +7,7 @@ pretraining_dataset    ``text``                                    Chapter 1, fo
 sft_dataset            ``messages`` | ``instruction/input/output``  Chapter 2 (SFTTrainer)
                        | ``prompt/completion``
 eval_conversations     ``prompt`` (messages), ``kind``              every evaluation
+evaluation_set         ``prompt`` (messages), ``kind``              Chapters 2-5's evaluation
 label_pairs            ``prompt/chosen/rejected`` (+ gold scores)  Chapters 3-6 (Reward/DPO)
 annotator_preferences  ``prompt/chosen/rejected`` (+ gold scores)  Chapter 5 (ORPO), tests
 =====================  ==========================================  =========================
@@ -126,6 +127,43 @@ def eval_conversations(
     if len(seen) < n_dialogue:
         raise ValueError(f"could not draw {n_dialogue} distinct dialogues from the {split!r} split")
     return Dataset.from_list(rows)
+
+
+# The course's one held-out evaluation set: Chapters 2-5 score every model on these prompts (or on
+# a subset with the same mix), so their numbers can be set side by side. Chapter 2 fixed it.
+EVALUATION_SET = {"n": 800, "split": "test", "seed": 0, "dialogues": 0.25}
+
+
+def evaluation_set(n: int | None = None, show: bool = True) -> Dataset:
+    """The course's held-out evaluation set (:data:`EVALUATION_SET`: 800 test-split prompts, a
+    quarter of them two-turn dialogues), or, given ``n``, a subset of ``n`` of its prompts with the
+    same mix of kinds (the first of each kind, in the set's order; for probes during training,
+    where 800 would cost too much). Prints its size and mix unless ``show`` is false."""
+    full = eval_conversations(**EVALUATION_SET)
+    if n is None or n >= len(full):
+        out = full
+    else:
+        kinds = full["kind"]
+        counts = {k: kinds.count(k) for k in dict.fromkeys(kinds)}
+        exact = {k: n * c / len(full) for k, c in counts.items()}
+        take = {k: int(x) for k, x in exact.items()}
+        # largest remainders first, so the shares sum to n
+        for k in sorted(exact, key=lambda k: take[k] - exact[k])[: n - sum(take.values())]:
+            take[k] += 1
+        keep, seen = [], dict.fromkeys(counts, 0)
+        for i, k in enumerate(kinds):
+            if seen[k] < take[k]:
+                keep.append(i)
+                seen[k] += 1
+        out = full.select(keep)
+    if show:
+        what = (
+            f"the course's evaluation set, {len(out)} held-out prompts"
+            if len(out) == len(full)
+            else f"{len(out)} of the {len(full)} evaluation prompts, same mix"
+        )
+        print(f"{what}: {kind_mix(out['kind'])}")
+    return out
 
 
 def dialogue_conversations(
