@@ -193,6 +193,12 @@ def test_evaluation_set_is_the_same_for_every_course_seed(monkeypatch):
     assert D.evaluation_set(160, show=False)["prompt"] == a
 
 
+def test_prompt_kinds_label_prompts_as_eval_conversations_does():
+    ds = D.eval_conversations(300, dialogues=0.2, seed=1)
+    assert D.prompt_kinds(ds["prompt"]) == ds["kind"]
+    assert D.prompt_kinds([[{"role": "user", "content": "Write me a haiku about tea."}]]) == ["other"]
+
+
 # --- preferences ---------------------------------------------------------------------------
 def _convs(*texts):
     return [[{"role": "user", "content": t}] for t in texts]

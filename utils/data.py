@@ -202,6 +202,23 @@ def dialogue_conversations(
     return Dataset.from_list(rows)
 
 
+def prompt_kinds(prompts, world: World | None = None) -> list[str]:
+    """The kind of each prompt (a list of messages ending with a user turn), as
+    :func:`eval_conversations` labels them: ``"dialogue"`` for a conversation of more than one
+    turn, else ``fact``, ``math``, ``opposite`` or ``unsafe``; ``"other"`` for a prompt that is
+    not TinyWorld's (a Hub dataset's). For sets that carry no ``kind`` column, such as preference
+    pairs: ``kind_mix(prompt_kinds(pairs["prompt"]))``."""
+    world = world or make_world()
+    kinds = []
+    for p in prompts:
+        if len(p) > 1:
+            kinds.append("dialogue")
+            continue
+        req = parse_request(p, world)
+        kinds.append(req.kind if req is not None else "other")
+    return kinds
+
+
 def kind_mix(kinds) -> str:
     """The share of each kind in a prompt set, largest first: ``"math 55%, dialogue 20%, ..."``.
     Print it wherever a prompt set is built: a mix that differs between two sets explains
