@@ -92,24 +92,30 @@ def generate_texts(
     end-of-turn token (``tokenizer.eos_token``): a base model that ends a *document* has not
     answered properly.
     """
+    from .sampling import sample_tokens
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     stop_ids = model.generation_config.eos_token_id
     stop_ids = set(stop_ids if isinstance(stop_ids, list) else [stop_ids])
     out: list[Generation] = []
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id)
-    if do_sample:
-        gen_kwargs.update(temperature=temperature, top_k=top_k or 0, top_p=1.0)
-    else:
-        gen_kwargs.update(temperature=None, top_k=None, top_p=None)
     with torch.random.fork_rng(), left_padding(tokenizer):
         torch.manual_seed(course_seed(seed))
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            seqs = model.generate(**enc, **gen_kwargs)
-            new = seqs[:, enc["input_ids"].shape[1] :].tolist()
+            new = sample_tokens(
+                model,
+                enc["input_ids"],
+                enc["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                stop_ids=stop_ids,
+                pad_id=tokenizer.pad_token_id,
+            ).tolist()
             for ids in new:
                 finished, kept = False, []
                 for t in ids:
@@ -128,9 +134,12 @@ def generate_texts(
 
 def chat_prompts(tokenizer, conversations: list[list[dict]]) -> list[str]:
     """Render conversations with the chat template, ready for the assistant's next turn."""
-    return [
-        tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
-    ]
+    from .tokenizer import memo_render
+
+    def render(c):
+        return tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+
+    return [memo_render(tokenizer, "prompt", c, lambda c=c: render(c)) for c in conversations]
 
 
 def generate_responses(model, tokenizer, conversations: list[list[dict]], **kwargs) -> list[Generation]:
