@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import course_seed, seed_everything
+from .padding import in_order, length_groups, pad_right
 from .progress import progress
 from .reward import reward_scores
 
@@ -190,6 +191,7 @@ def sample_rollout(
     """Sample one response per conversation from ``policy`` (pure sampling at ``temperature``: no top-k/top-p,
     so the log-probabilities PPO computes are those of the distribution that was sampled)."""
     from .models import chat_prompts, left_padding
+    from .sampling import sample_tokens
 
     device = next(policy.parameters()).device
     stop = policy.generation_config.eos_token_id
@@ -203,16 +205,15 @@ def sample_rollout(
         ).to(device)
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         torch.manual_seed(course_seed(seed))
-        seqs = policy.generate(
-            **enc,
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
+        new = sample_tokens(
+            policy,
+            enc["input_ids"],
+            enc["attention_mask"],
             max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    new = seqs[:, enc["input_ids"].shape[1] :].tolist()
+            temperature=temperature,
+            stop_ids=stop,
+            pad_id=tokenizer.pad_token_id,
+        ).tolist()
     kept, finished = [], []
     for ids in new:
         cut = next((i for i, t in enumerate(ids) if t in stop), None)
@@ -240,14 +241,28 @@ def token_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> tuple[t
     """``log pi(y_t | x, y_<t)`` of each response token and the policy's entropy there, both ``[B, T]``.
 
     The logits are divided by the sampling ``temperature``: PPO's ratio must compare the
-    distribution the tokens were drawn from. Gradients flow if enabled by the caller.
+    distribution the tokens were drawn from. Gradients flow into the log-probabilities if enabled
+    by the caller; the entropy is a diagnostic, computed without them. The rows run in groups of
+    similar length (:mod:`utils.padding`).
     """
+    groups = length_groups(rollout.query_mask.sum(1) + rollout.response_mask.sum(1))
+    if len(groups) == 1:
+        return _token_logprobs(model, rollout, temperature)
+    width = rollout.response.shape[1]
+    parts = [_token_logprobs(model, rollout.subset(rows), temperature) for rows in groups]
+    logp = in_order([pad_right(lp, width) for lp, _ in parts], groups)
+    entropy = in_order([pad_right(e, width) for _, e in parts], groups)
+    return logp, entropy
+
+
+def _token_logprobs(model, rollout: Rollout, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     inputs = rollout.model_inputs()
-    start = rollout.query.shape[1] - 1  # the logits at position i predict token i + 1
-    logits = model(**inputs).logits[:, start:-1].float() / temperature
+    width = rollout.response.shape[1]  # the logits at position i predict token i + 1: keep the last width + 1
+    logits = model(**inputs, logits_to_keep=width + 1).logits[:, :-1].float() / temperature
     logp_all = logits.log_softmax(-1)
     logp = torch.gather(logp_all, 2, rollout.response.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
     mask = rollout.response_mask
     return logp * mask, entropy * mask
 
@@ -256,8 +271,17 @@ def token_values(value_model, rollout: Rollout) -> torch.Tensor:
     """The value model's estimate ``V(x, y_<t)`` before each response token, ``[B, T]``.
 
     The value model is a sequence-classification model (like the reward model); its scalar head
-    is applied to every position's hidden state instead of the last one only.
+    is applied to every position's hidden state instead of the last one only. The rows run in
+    groups of similar length (:mod:`utils.padding`).
     """
+    groups = length_groups(rollout.query_mask.sum(1) + rollout.response_mask.sum(1))
+    if len(groups) == 1:
+        return _token_values(value_model, rollout)
+    width = rollout.response.shape[1]
+    return in_order([pad_right(_token_values(value_model, rollout.subset(r)), width) for r in groups], groups)
+
+
+def _token_values(value_model, rollout: Rollout) -> torch.Tensor:
     inputs = rollout.model_inputs()
     backbone = getattr(value_model, value_model.base_model_prefix)
     hidden = backbone(**inputs).last_hidden_state
