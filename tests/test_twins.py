@@ -103,6 +103,7 @@ def test_chapter1_pretrain_is_utils_train_lm(tiny_model, tiny_tokenizer):
 def _sft_twins(tiny_model, tiny_tokenizer, replace=None):
     from datasets import Dataset
 
+    from utils.padding import token_mean
     from utils.pretrain import next_token_loss
     from utils.sft import build_labels, collate, train_sft
 
@@ -117,6 +118,7 @@ def _sft_twins(tiny_model, tiny_tokenizer, replace=None):
         "collate": collate,
         "build_labels": build_labels,
         "sft_loss": next_token_loss,
+        "token_mean": token_mean,
         "tokenizer": tiny_tokenizer,
         "device": torch.device("cpu"),
     }
@@ -124,7 +126,7 @@ def _sft_twins(tiny_model, tiny_tokenizer, replace=None):
     ns["val_batch"] = collate(
         [ns["encode"](m) for m in messages["validation"]["messages"]], tiny_tokenizer.pad_token_id
     )
-    notebook_functions("02_sft.ipynb", ["val_loss", "train_sft_from_scratch"], ns, replace)
+    notebook_functions("02_sft.ipynb", ["batch_loss", "val_loss", "train_sft_from_scratch"], ns, replace)
     examples = [ns["encode"](m) for m in messages["train"]["messages"]]
     ours, theirs = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
     ns["train_sft_from_scratch"](
@@ -155,6 +157,7 @@ def _dpo_loop(tiny_tokenizer, replace=None, dpo_loss=None):
     from utils.dpo import dpo_loss as reference_loss
     from utils.dpo import pair_batch
     from utils.logprobs import sequence_logprobs
+    from utils.padding import by_length
 
     ns = notebook_functions(
         "04_dpo.ipynb",
@@ -166,6 +169,7 @@ def _dpo_loop(tiny_tokenizer, replace=None, dpo_loss=None):
             "seed_everything": seed_everything,
             "course_seed": course_seed,
             "pair_batch": pair_batch,
+            "by_length": by_length,
             "sequence_logprobs": sequence_logprobs,
             "dpo_loss": reference_loss if dpo_loss is None else dpo_loss,
             "tokenizer": tiny_tokenizer,

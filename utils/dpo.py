@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from .config import course_seed, seed_everything
 from .formats import require_columns
 from .logprobs import sequence_logprobs
+from .padding import by_length
 from .progress import progress
 from .sft import collate, completion_example
 
@@ -75,9 +76,14 @@ def pair_batch(tokenizer, rows, device=None) -> dict[str, torch.Tensor]:
 
 
 def logps_of(model, batch) -> torch.Tensor:
-    """``log pi(answer | prompt)`` of every row of a :func:`pair_batch` (or any labelled batch)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return sequence_logprobs(logits, batch["labels"])
+    """``log pi(answer | prompt)`` of every row of a :func:`pair_batch` (or any labelled batch), the rows
+    run in groups of similar length (:func:`utils.padding.by_length`)."""
+    return by_length(
+        batch,
+        lambda b: sequence_logprobs(
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]
+        ),
+    )
 
 
 def train_dpo(

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 from .config import course_seed, seed_everything
 from .formats import require_columns
+from .padding import by_length
 from .progress import progress, quiet_transformers
+from .tokenizer import memo_render
 
 
 def bradley_terry_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) -> torch.Tensor:
@@ -38,7 +40,10 @@ def reward_model_from(model, tokenizer):
 
 
 def _encode(tokenizer, conversations, device):
-    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    texts = [
+        memo_render(tokenizer, "text", c, lambda c=c: tokenizer.apply_chat_template(c, tokenize=False))
+        for c in conversations
+    ]
     side = tokenizer.padding_side
     tokenizer.padding_side = "right"  # the head reads the last non-padding token
     try:
@@ -54,14 +59,15 @@ def reward_scores(
     """The reward of each (prompt, completion) pair; prompts and completions are message lists.
 
     Returns ``[N]`` on the reward model's device (training needs it there, with ``grad``); call
-    ``.cpu()`` before mixing it with CPU data or calling ``.numpy()``.
+    ``.cpu()`` before mixing it with CPU data or calling ``.numpy()``. Each batch runs in groups of
+    similar length (:mod:`utils.padding`).
     """
     device = next(rm.parameters()).device
     out = []
     with torch.set_grad_enabled(grad):
         for i in range(0, len(prompts), batch_size):
             convs = [p + c for p, c in zip(prompts[i : i + batch_size], completions[i : i + batch_size])]
-            out.append(rm(**_encode(tokenizer, convs, device)).logits[:, 0])
+            out.append(by_length(_encode(tokenizer, convs, device), lambda b: rm(**b).logits[:, 0]))
     return torch.cat(out)
 
 

@@ -12,9 +12,10 @@ import torch
 from .config import course_seed, seed_everything
 from .formats import require_columns
 from .logprobs import IGNORE
+from .padding import token_mean
 from .pretrain import next_token_loss, warmup_cosine
 from .progress import progress
-from .tokenizer import check_chat_template
+from .tokenizer import check_chat_template, memo_render
 
 
 def build_labels(input_ids: list[int], assistant_mask: list[int]) -> list[int]:
@@ -26,6 +27,13 @@ def build_labels(input_ids: list[int], assistant_mask: list[int]) -> list[int]:
 def sft_example(tokenizer, messages: list[dict], max_length: int = 256) -> dict:
     """Token ids of a conversation and labels that keep only the assistant's tokens (else -100)."""
     check_chat_template(tokenizer)
+    ex = memo_render(
+        tokenizer, f"sft {max_length}", messages, lambda: _sft_example(tokenizer, messages, max_length)
+    )
+    return {k: list(v) for k, v in ex.items()}
+
+
+def _sft_example(tokenizer, messages, max_length):
     enc = tokenizer.apply_chat_template(
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
@@ -41,6 +49,16 @@ def sft_example(tokenizer, messages: list[dict], max_length: int = 256) -> dict:
 def completion_example(tokenizer, prompt: list[dict], completion: list[dict], max_length: int = 256) -> dict:
     """Like :func:`sft_example`, but only the ``completion`` turn is labelled (not earlier assistant
     turns)."""
+    ex = memo_render(
+        tokenizer,
+        f"completion {max_length} {len(prompt)}",
+        prompt + completion,
+        lambda: _completion_example(tokenizer, prompt, completion, max_length),
+    )
+    return {k: list(v) for k, v in ex.items()}
+
+
+def _completion_example(tokenizer, prompt, completion, max_length):
     n_prompt = len(
         tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)[
             "input_ids"
@@ -102,8 +120,12 @@ def train_sft(
         for i in range(0, len(order), batch_size):
             batch = collate([examples[j] for j in order[i : i + batch_size]], tokenizer.pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = next_token_loss(logits, batch["labels"])
+            loss = token_mean(  # rows of similar length together (utils.padding), as Chapter 2's loop
+                batch,
+                lambda b: next_token_loss(
+                    model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]
+                ),
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
