@@ -7,7 +7,9 @@ The chat template wraps each assistant turn in ``{% generation %}...{% endgenera
 
 from __future__ import annotations
 
-from typing import Iterable
+import json
+import weakref
+from typing import Callable, Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -104,3 +106,25 @@ def check_chat_template(tokenizer) -> None:
             "around assistant turns, so the assistant tokens cannot be found for "
             "assistant-only loss; wrap each assistant message in them"
         )
+
+
+# Chat templates rendered once per conversation: the course renders the same prompts for every model
+# it evaluates and the same pairs in every epoch of every DPO run, and a render costs 0.1-0.3 ms.
+_RENDERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+RENDER_MEMO_LIMIT = 200_000  # entries per tokenizer before the memo starts over
+
+
+def memo_render(tokenizer, what: str, conversation, make: Callable):
+    """``make()``, computed once per tokenizer, chat template, vocabulary size, ``what`` (a label for the
+    rendering and its options) and conversation, then returned from a memo. Callers get the memo's
+    value itself: return immutable values (strings) or copy before changing them."""
+    try:
+        key = (what, tokenizer.chat_template, len(tokenizer), json.dumps(conversation, sort_keys=True))
+        table = _RENDERED.setdefault(tokenizer, {})
+    except TypeError:  # a conversation json cannot write, or a tokenizer that cannot be weakly keyed
+        return make()
+    if key not in table:
+        if len(table) >= RENDER_MEMO_LIMIT:
+            table.clear()
+        table[key] = make()
+    return table[key]
