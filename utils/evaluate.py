@@ -34,7 +34,7 @@ def evaluate(
     prompts (the ``hub`` profile): ``gold`` is then that model's score and ``correct`` is unknown (NaN).
     """
     conversations = list(conversations)
-    gens = generate_responses(
+    gens = cached_responses(
         model,
         tokenizer,
         conversations,
@@ -78,6 +78,88 @@ def evaluate(
     return pd.DataFrame(rows)
 
 
+# A model's answers are stored by what determines them (the weights, the tokenizer, the prompts, the
+# decoding settings and seed, the sampler), so the same model on the same prompts is answered once:
+# Chapters 2-5 all evaluate the SFT model on the evaluation set. Above this size, hashing the weights
+# is not worth what it saves.
+ANSWERS_CACHE_MAX_PARAMS = 20_000_000
+
+
+def cached_responses(model, tokenizer, conversations, **settings) -> list:
+    """:func:`utils.models.generate_responses`, answered from the artifact cache when this model (its
+    exact weights) already answered these conversations with these settings in this run's
+    ``COURSE_SEED``; stored atomically otherwise. Models above :data:`ANSWERS_CACHE_MAX_PARAMS` are
+    not cached."""
+    import json
+
+    from . import cache
+    from .config import course_seed
+    from .models import Generation
+    from .sampling import SAMPLER_VERSION
+
+    n_params = sum(p.numel() for p in model.parameters())
+    if n_params > ANSWERS_CACHE_MAX_PARAMS:
+        return generate_responses(model, tokenizer, conversations, **settings)
+    device = next(model.parameters()).device
+    recipe = {
+        "weights": weights_fingerprint(model),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "conversations": _sha(json.dumps(conversations, sort_keys=True)),
+        "settings": {**settings, "seed": course_seed(settings.get("seed", 0))},
+        "device": device.type,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "sampler": SAMPLER_VERSION,
+    }
+    path = cache.artifact_path("answers", recipe) / "answers.json"
+    if cache.is_cached("answers", recipe):
+        return [Generation(**g) for g in json.loads(path.read_text())]
+    gens = generate_responses(model, tokenizer, conversations, **settings)
+    rows = [{"text": g.text, "finished": g.finished, "n_tokens": g.n_tokens} for g in gens]
+    cache.save_artifact("answers", recipe, lambda tmp: (tmp / "answers.json").write_text(json.dumps(rows)))
+    return gens
+
+
+def _sha(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def weights_fingerprint(model) -> str:
+    """A hash of a model's configuration and every parameter and buffer (names, dtypes, shapes, bytes)."""
+    import hashlib
+
+    h = hashlib.sha256(model.config.to_json_string().encode() if hasattr(model, "config") else b"")
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+_TOKENIZER_FINGERPRINTS = None  # a weakref.WeakKeyDictionary once used
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what a tokenizer does to text: its vocabulary and merges, special tokens and chat template
+    (remembered per tokenizer object while its template and vocabulary size stay the same)."""
+    import weakref
+
+    global _TOKENIZER_FINGERPRINTS
+    if _TOKENIZER_FINGERPRINTS is None:
+        _TOKENIZER_FINGERPRINTS = weakref.WeakKeyDictionary()
+    state = (str(getattr(tokenizer, "chat_template", "")), len(tokenizer), repr(tokenizer.special_tokens_map))
+    known = _TOKENIZER_FINGERPRINTS.get(tokenizer)
+    if known is not None and known[0] == state:
+        return known[1]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    fingerprint = _sha("\n".join([vocab, *map(str, state)]))
+    _TOKENIZER_FINGERPRINTS[tokenizer] = (state, fingerprint)
+    return fingerprint
+
+
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Mean gold score, accuracy, rudeness, finished rate and length, overall and per kind."""
     cols = {"gold": "mean", "correct": "mean", "rude": "mean", "finished": "mean", "n_tokens": "mean"}
@@ -109,19 +191,24 @@ def response_logprobs(
     model, tokenizer, prompts, responses, batch_size: int = 64, temperature: float = 1.0
 ) -> torch.Tensor:
     """``log pi(response | prompt)`` summed over the response's tokens (its end token included), per pair;
-    with ``temperature``, of the distribution sampled at that temperature (logits divided by it)."""
+    with ``temperature``, of the distribution sampled at that temperature (logits divided by it).
+    The pairs run in batches of similar length (the result is in the pairs' order)."""
     model.eval()
     device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        examples = [
-            completion_example(tokenizer, p, [{"role": "assistant", "content": r}])
-            for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])
-        ]
-        batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
+    examples = [
+        completion_example(tokenizer, p, [{"role": "assistant", "content": r}])
+        for p, r in zip(prompts, responses)
+    ]
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    out = torch.empty(len(examples))
+    for i in range(0, len(order), batch_size):
+        rows = order[i : i + batch_size]
+        batch = {
+            k: v.to(device) for k, v in collate([examples[j] for j in rows], tokenizer.pad_token_id).items()
+        }
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out.append(sequence_logprobs(logits.float() / temperature, batch["labels"]).cpu())
-    return torch.cat(out)
+        out[rows] = sequence_logprobs(logits.float() / temperature, batch["labels"]).cpu()
+    return out
 
 
 def sequence_kl(policy, reference, tokenizer, prompts, responses, temperature: float = 1.0) -> float:
