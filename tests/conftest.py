@@ -25,7 +25,8 @@ TINY_SIZES = dict(
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "slow: trains real models end to end (minutes); deselect with -m 'not slow'"
+        "markers",
+        "slow: runs notebooks or trains real models end to end (minutes); deselect with -m 'not slow'",
     )
 
 

@@ -3,7 +3,8 @@ Hub (tools/hub_standin.py), cut to a smoke test (``COURSE_SMOKE=1``: a handful o
 rows). A cell that only works on TinyWorld, or a loader that only works on the course's own models,
 fails here first. Its numbers mean nothing; claims are said, not checked (see utils.claims).
 
-About 4 minutes on a 2-core CPU. Run alone: ``python -m pytest -q tests/test_hub_notebooks.py``.
+About 4 minutes on a 2-core CPU: the slow tier (``-m slow``). Run alone:
+``python -m pytest -q tests/test_hub_notebooks.py``.
 """
 
 import sys
@@ -13,6 +14,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTIONS = sorted((ROOT / "solutions").glob("*.ipynb"))
 sys.path.insert(0, str(ROOT / "tools"))
