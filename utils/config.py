@@ -127,7 +127,7 @@ PROFILES: dict[str, Profile] = {
 
 
 # the smoke test's cuts (COURSE_SMOKE=1): a handful of steps, a few hundred rows
-SMOKE = dict(max_steps=8, max_examples=256, pretrain_steps=8, trainer_steps=8)
+SMOKE = dict(max_steps=4, max_examples=128, pretrain_steps=4, trainer_steps=4)
 
 
 def smoke_test() -> bool:
