@@ -83,13 +83,14 @@ def generate_texts(
     temperature: float = 1.0,
     top_k: int | None = None,
     seed: int = 0,
-    batch_size: int = 128,
+    batch_size: int = 256,
 ) -> list[Generation]:
     """Continue each prompt string (already formatted; special tokens allowed) and decode.
 
-    Greedy by default; with ``do_sample`` the draw is seeded, so results are reproducible.
-    Generation stops at any of the model's end tokens; ``finished`` is true only for the
-    end-of-turn token (``tokenizer.eos_token``): a base model that ends a *document* has not
+    Greedy by default; with ``do_sample`` the draw is seeded, so results are reproducible (the
+    prompts are answered ``batch_size`` at a time from one random stream, so a prompt's draw depends
+    on its place in ``prompts``). Generation stops at any of the model's end tokens; ``finished`` is
+    true only for the end-of-turn token (``tokenizer.eos_token``): a base model that ends a *document* has not
     answered properly.
     """
     from .sampling import sample_tokens
