@@ -35,7 +35,7 @@ def length_groups(lengths, max_groups: int | None = None, overhead: int | None =
     n = len(sl)
     if n == 0:
         return []
-    # best[g][j]: the cheapest cut of the first j sorted rows into g runs (run i..j-1 costs (j - i) * sl[j - 1])
+    # best[g][j]: the cheapest cut of the first j sorted rows into g runs (run i..j-1 costs (j-i) * sl[j-1])
     inf = float("inf")
     best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
     cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
