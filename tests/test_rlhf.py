@@ -48,9 +48,15 @@ def test_reward_model_learns_the_preferences():
 
     sft, tok = get_sft_model(show_progress=False)
     split = get_preference_data(show_progress=False).train_test_split(test_size=0.2, seed=0)
+    torch.manual_seed(0)  # the head starts at random: not from whatever ran before in this process
     rm = reward_model_from(sft, tok)
     history = train_reward_model(rm, tok, split["train"], epochs=2, lr=3e-4, show_progress=False)
-    assert sum(h["loss"] for h in history[-5:]) / 5 < math.log(2)
+    # Over the whole second epoch, per comparison, the loss is below chance (log 2 = 0.693): 0.58-0.63
+    # with four shuffling seeds. The last few batches alone are noise: the last one can hold a single
+    # pair (641 pairs in batches of 32), and their mean was 0.698 on one run.
+    second = history[len(history) // 2 :]
+    mean = sum(h["loss"] * h["comparisons"] for h in second) / sum(h["comparisons"] for h in second)
+    assert mean < math.log(2) - 0.03, mean
     acc = pairwise_accuracy(rm, tok, split["test"])
     # Far above chance on ~160 held-out pairs (0.65 is over 3.5 standard errors above 0.5). Measured vs gold:
     # 0.84 on an AMD EPYC, 0.75 on an Intel Xeon (same seeds: float reductions differ); ceiling ~0.85.

@@ -29,6 +29,7 @@ from .judge import JUDGE_VERSION
 from .models import TINY_MODEL, generate_responses, make_model
 from .pretrain import train_lm
 from .progress import quiet_transformers
+from .sampling import SAMPLER_VERSION
 from .sft import train_sft
 from .tokenizer import train_tokenizer
 from .world import WORLD_VERSION
@@ -256,6 +257,7 @@ def preference_recipe(profile: Profile | None = None) -> dict:
         "sample_seeds": [1, 2],
         "temperature": 1.0,
         "max_new_tokens": 40,
+        "sampler": SAMPLER_VERSION,
         "label_seed": 0,
         "drop_ties": True,
     }

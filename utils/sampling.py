@@ -71,7 +71,10 @@ def _probs(logits, temperature, top_k):
     return F.softmax(logits, dim=-1)
 
 
-SAMPLER_VERSION = 1  # bump when the sampler would draw other tokens: cached answers are keyed by it
+# Bump when the course would draw other tokens for the same seed (the sampler, or how generate_texts
+# splits prompts into random streams): cached answers and the preference pairs' recipe are keyed by it.
+# 1: this sampler; 2: 256 prompts per stream (was 128).
+SAMPLER_VERSION = 2
 
 # Rows are dropped from the decoding step in blocks of this many (the batch must be a multiple of it):
 # a matrix product computes a row the same way whatever the number of rows, as long as that number
