@@ -168,11 +168,20 @@ def _course_timed_import(
     # (the module globals this needs are bound as defaults: it still runs while the kernel shuts down)
     if level == 0 and name in _modules and not fromlist:
         return _imp(name, globals, locals, fromlist, level)
-    pushed = _prof.enter("imports", True)
     try:
+        pushed = _prof.enter("imports", True)
+    except Exception:  # the kernel is shutting down (another thread importing): just import
         return _imp(name, globals, locals, fromlist, level)
+    try:
+        module = _imp(name, globals, locals, fromlist, level)
     finally:
         _prof.exit(pushed)
+    # A course module imported inside a function (``from .sampling import sample_tokens`` in
+    # ``generate_texts``) is patched before the caller reads the name from it.
+    course = name if level == 0 else (globals or {}).get("__name__", "") or ""
+    if course == "utils" or course.startswith("utils."):
+        _course_patch_libraries()
+    return module
 
 
 _builtins.__import__ = _course_timed_import
