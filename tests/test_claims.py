@@ -72,10 +72,7 @@ def test_record_mode_writes_each_claim_and_goes_on(tmp_path, monkeypatch):
 def _stated_claims() -> list[tuple[str, str]]:
     """(notebook, sentence) of every ``claim(...)`` call in the solution notebooks (literal
     sentences only)."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "tools"))
-    from claims_sweep import stated_claims
+    from tools.claims_sweep import stated_claims
 
     return stated_claims()
 
@@ -129,10 +126,7 @@ def test_the_record_holds_no_claim_the_text_dropped():
 
 
 def test_the_book_page_is_the_record():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "tools"))
-    from claims_sweep import PAGE, render_page
+    from tools.claims_sweep import PAGE, render_page
 
     assert PAGE.read_text() == render_page(json.loads(CLAIMS_JSON.read_text())), (
         "book/claims.md is stale: python tools/claims_sweep.py --report"

@@ -7,18 +7,17 @@ About 4 minutes on a 2-core CPU: the slow tier (``-m slow``). Run alone:
 ``python -m pytest -q tests/test_hub_notebooks.py``.
 """
 
-import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from tools import hub_standin
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTIONS = sorted((ROOT / "solutions").glob("*.ipynb"))
-sys.path.insert(0, str(ROOT / "tools"))
-import hub_standin  # noqa: E402
 
 
 @pytest.fixture(scope="module")

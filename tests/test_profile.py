@@ -7,9 +7,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from tools import profile_course
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-import profile_course  # noqa: E402
 
 CELLS = [
     """import time

@@ -16,7 +16,7 @@ are not saved: the committed notebooks stay the seed-0 run of ``tools/run_notebo
 
 Per-run records live in ``benchmarks/claims_runs/RUN.jsonl`` (one line per claim); re-running a
 notebook in a run replaces that notebook's lines. A GPU run is made with ``COURSE_CLAIMS_RECORD``
-set while ``shared/tools/gpu_course.py`` runs the notebooks, then imported.
+set while ``tools/run_plain.py --claims FILE`` runs the notebooks there, then imported.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from tools.execution import execute  # the benchmark's executor, one kernel per notebook
+from tools.execution import machine as describe
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = ROOT / "benchmarks" / "claims_runs"
@@ -139,9 +142,6 @@ def record_claims(run: str, notebook: str, record: Path, env: dict | None = None
 
 def run_one(run: str, path: Path, timeout: int) -> dict:
     """Execute one notebook in one run, without saving it; record its claims (and any error)."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    from run_notebooks import execute  # noqa: E402 - the benchmark's executor, one kernel per notebook
-
     env = dict(RUNS[run], COURSE_CACHE=str(ROOT / ".cache" / "sweep" / run))
     error, start = None, time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,9 +168,6 @@ def write_meta(run: str, meta: dict) -> None:
 
 def machine() -> str:
     """This machine in a few words (the benchmark's description)."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    from run_notebooks import machine as describe  # noqa: E402
-
     m = describe()
     return f"{m['cpu']}, {m['cores']} cores"
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -33,8 +32,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hub_standin import QWEN3_RM_SMALL, build, lm_config, model_from  # noqa: E402
+from tools.hub_standin import QWEN3_RM_SMALL, build, lm_config, model_from
 
 QWEN3_06B_RM = dict(  # Skywork-Reward-V2-Qwen3-0.6B: Qwen3-0.6B's backbone with one output
     QWEN3_RM_SMALL,

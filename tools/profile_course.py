@@ -184,8 +184,7 @@ def _kernel_manager(python: str):
 
 
 def machine() -> dict:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from run_notebooks import machine as m
+    from tools.execution import machine as m
 
     return m()
 

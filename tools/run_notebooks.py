@@ -19,91 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import sys
-import time
-from datetime import datetime, timezone
+import tempfile
 from pathlib import Path
 
-import nbformat
-from nbclient import NotebookClient
-
-from utils.costs import PeakMemory  # (utils is installed: pip install -e .)
+from tools.claims_sweep import record_claims, report
+from tools.execution import TOTAL_BUDGET_S, execute, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMINGS = ROOT / "benchmarks" / "timings.json"
-GPU_TIMINGS = ROOT / "benchmarks" / "gpu_timings.json"  # written from a run of shared/tools/gpu_course.py
+GPU_TIMINGS = ROOT / "benchmarks" / "gpu_timings.json"  # from a run of tools/run_plain.py on a GPU
 README = ROOT / "README.md"
 START, END = "<!-- timings:start -->", "<!-- timings:end -->"
-# The budgets (README, "Timings"): each notebook at most 2 min (RLHF, Project 2 and Chapter 7 3 min), the
-# whole course at most 8 min with today's content (15 min once the chapters add their seeds and bands).
-BUDGETS_S = {"03_rlhf": 180, "06_project2": 180, "07_beyond": 180}  # every other notebook: 120 s
-DEFAULT_BUDGET_S, MEMORY_BUDGET_MB, TOTAL_BUDGET_S = 120, 3072, 480
-
-
-def collapse_carriage_returns(nb) -> None:
-    """Keep only what a terminal would show of progress bars (text after the last ``\\r``)."""
-    for cell in nb.cells:
-        for out in cell.get("outputs", []):
-            if out.get("output_type") == "stream" and "\r" in out.get("text", ""):
-                lines = out["text"].split("\n")
-                out["text"] = "\n".join(ln.rstrip("\r").split("\r")[-1] for ln in lines)
-
-
-def execute(path: Path, save: bool, timeout: int, claims_run: str | None = None) -> dict:
-    if claims_run is not None:  # record the claims as the sweep would, into that run's records
-        import tempfile
-
-        from claims_sweep import record_claims
-
-        with tempfile.TemporaryDirectory() as tmp:
-            with record_claims(claims_run, path.stem, Path(tmp) / "claims.jsonl"):
-                return execute(path, save, timeout)
-    nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(
-        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-    )
-    profile = os.environ.get("COURSE_PROFILE", "tiny")
-    start = time.perf_counter()
-    with PeakMemory(os.getpid(), children=True, every=0.2) as mem:
-        client.execute()
-    wall = time.perf_counter() - start
-    collapse_carriage_returns(nb)
-    for cell in nb.cells:  # timestamps would make every re-run a diff
-        cell.metadata.pop("execution", None)
-    if save:
-        nbformat.write(nb, path)
-    budget = BUDGETS_S.get(path.stem, DEFAULT_BUDGET_S)
-    return {
-        "notebook": path.name,
-        "profile": profile,
-        "wall_s": round(wall, 1),
-        "peak_mb": round(mem.peak_mb),
-        "budget_s": budget,
-        "within_budget": wall <= budget and mem.peak / 2**20 <= MEMORY_BUDGET_MB,
-    }
-
-
-def machine() -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-    }
 
 
 def write_results(results: list[dict]) -> None:
@@ -179,7 +107,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     claims_run = None
     if args.record_claims:
-        sys.path.insert(0, str(ROOT / "tools"))
         from utils.config import run_seed
 
         claims_run = f"seed{run_seed()}"
@@ -187,7 +114,12 @@ def main(argv=None) -> int:
     os.environ.pop("MPLBACKEND", None)  # let the kernel use its inline backend, so figures are saved
     for path in paths:
         print(f"executing {path.name} ...", flush=True)
-        r = execute(path.resolve(), save=not args.no_save, timeout=args.timeout, claims_run=claims_run)
+        if claims_run is None:
+            r = execute(path.resolve(), save=not args.no_save, timeout=args.timeout)
+        else:  # record the claims as the sweep would, into that run's records
+            with tempfile.TemporaryDirectory() as tmp:
+                with record_claims(claims_run, path.stem, Path(tmp) / "claims.jsonl"):
+                    r = execute(path.resolve(), save=not args.no_save, timeout=args.timeout)
         print(
             f"  {r['wall_s']:.1f} s, peak {r['peak_mb']} MB "
             f"({'within' if r['within_budget'] else 'OVER'} budget)",
@@ -196,8 +128,6 @@ def main(argv=None) -> int:
         if not args.no_record:  # after each notebook: a later failure keeps the earlier measurements
             write_results([r])
     if claims_run is not None:
-        from claims_sweep import report
-
         data = report()
         failed = [c for c in data["claims"] if claims_run in c["runs"] and not c["runs"][claims_run]["held"]]
         for c in failed:
