@@ -470,6 +470,7 @@ def test_evaluate_scores_every_generation_with_the_judge(tiny_model, tiny_tokeni
         "correct",
         "rude",
         "refused",
+        "token_ids",
     ]
     assert len(df) == 6 and list(df["kind"]) == list(convs["kind"])
     for conv, row in zip(convs["prompt"], df.itertuples()):
@@ -492,30 +493,6 @@ def test_best_of_n_picks_each_prompts_best_candidate_and_its_kl_is_closed_form()
         evaluate.best_of_n(frames, scores.T[:2])
     assert evaluate.best_of_n_kl(1) == 0.0
     assert evaluate.best_of_n_kl(4) == pytest.approx(np.log(4) - 0.75)
-
-
-def test_response_logprobs_at_a_temperature_and_the_kl_of_a_sharper_model(tiny_model, tiny_tokenizer):
-    import torch
-
-    convs = list(data.eval_conversations(4)["prompt"])
-    answers = ["Alba is red.", "1 plus 1 is 2.", "no.", "Sorry, I can't help with that."]
-    at_1 = evaluate.response_logprobs(tiny_model, tiny_tokenizer, convs, answers)
-    assert torch.equal(
-        at_1, evaluate.response_logprobs(tiny_model, tiny_tokenizer, convs, answers, temperature=1.0)
-    )
-    sharp = evaluate.response_logprobs(tiny_model, tiny_tokenizer, convs, answers, temperature=0.5)
-    assert not torch.allclose(sharp, at_1)
-    # by hand: log-softmax of logits / T at each answer token
-    ex = sft.completion_example(tiny_tokenizer, convs[0], [{"role": "assistant", "content": answers[0]}])
-    ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
-    with torch.no_grad():
-        logits = tiny_model(input_ids=ids).logits[:, :-1] / 0.5
-    keep = labels[:, 1:] != -100
-    by_hand = (
-        logits.log_softmax(-1).gather(2, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)[keep].sum()
-    )
-    assert sharp[0].item() == pytest.approx(by_hand.item(), abs=1e-4)
-    assert evaluate.sequence_kl(tiny_model, tiny_model, tiny_tokenizer, convs, answers) == 0.0
 
 
 def test_answer_stats_counts_coreference_only_when_asked():

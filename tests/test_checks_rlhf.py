@@ -54,7 +54,53 @@ def test_bradley_terry_loss_against_reward_trainer(tiny_model, tiny_tokenizer):
         )
 
 
+# Independent implementations, written token by token from the papers' equations (not the functions the
+# checkers compare against): a checker whose reference were wrong would reject them.
+def loop_per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
+    rows = []
+    for b in range(logprobs.shape[0]):
+        n = int(mask[b].sum())
+        row = [-kl_coef * (logprobs[b, t] - ref_logprobs[b, t]) for t in range(n)]
+        row[-1] = row[-1] + scores[b]  # the sequence's score on its last real token
+        row += [logprobs.new_zeros(())] * (logprobs.shape[1] - n)
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+def loop_gae(rewards, values, mask, gamma, lam):
+    B, T = rewards.shape
+    adv, ret = torch.zeros(B, T), torch.zeros(B, T)
+    for b in range(B):
+        n = int(mask[b].sum())
+        following = 0.0
+        for t in reversed(range(n)):
+            v_next = float(values[b, t + 1]) if t + 1 < n else 0.0  # V = 0 after the last token
+            delta = float(rewards[b, t]) + gamma * v_next - float(values[b, t])
+            following = delta + gamma * lam * following
+            adv[b, t], ret[b, t] = following, following + float(values[b, t])
+    return adv.to(rewards.dtype), ret.to(rewards.dtype)
+
+
+def loop_policy_loss(logprobs, old_logprobs, advantages, mask, clip):
+    terms = []
+    for b, t in mask.nonzero().tolist():
+        ratio = torch.exp(logprobs[b, t] - old_logprobs[b, t])
+        a = advantages[b, t]
+        terms.append(-torch.min(ratio * a, torch.clamp(ratio, 1 - clip, 1 + clip) * a))
+    return torch.stack(terms).mean()
+
+
+def loop_value_loss(values, old_values, returns, mask, clip):
+    terms = []
+    for b, t in mask.nonzero().tolist():
+        v, old, r = values[b, t], old_values[b, t], returns[b, t]
+        v_clipped = old + torch.clamp(v - old, -clip, clip)
+        terms.append(0.5 * torch.max((v - r) ** 2, (v_clipped - r) ** 2))
+    return torch.stack(terms).mean()
+
+
 def test_per_token_rewards():
+    check_per_token_rewards(loop_per_token_rewards)
     check_per_token_rewards(per_token_rewards)
 
 
@@ -87,6 +133,7 @@ def test_per_token_rewards_rejects(bug, message):
 
 
 def test_gae():
+    check_gae(loop_gae)
     check_gae(gae)
 
 
@@ -131,6 +178,7 @@ def test_gae_rejects(bug, message):
 
 
 def test_ppo_policy_loss():
+    check_ppo_policy_loss(loop_policy_loss)
     check_ppo_policy_loss(ppo_policy_loss)
 
 
@@ -166,6 +214,7 @@ def test_ppo_policy_loss_rejects(bug, message):
 
 
 def test_ppo_value_loss():
+    check_ppo_value_loss(loop_value_loss)
     check_ppo_value_loss(ppo_value_loss)
 
 

@@ -91,14 +91,15 @@ def test_reward_model_paths(tiny_model, tiny_tokenizer, convs, pairs):
 
 def test_dpo_and_kl(tiny_model, tiny_tokenizer, convs, pairs):
     from utils.dpo import train_dpo
-    from utils.evaluate import response_logprobs, sequence_kl
+    from utils.rollout import answer_logprobs, rollout_from_ids, sequence_kl
 
     with fake_accelerator():
         policy = copy.deepcopy(tiny_model).to(FAKE)
         ref = copy.deepcopy(tiny_model).to(FAKE)
         history = train_dpo(policy, ref, tiny_tokenizer, pairs, epochs=1, batch_size=4, show_progress=False)
-        kl = sequence_kl(policy, ref, tiny_tokenizer, convs, ["Alba eats apples."] * len(convs))
-        lp = response_logprobs(policy, tiny_tokenizer, convs, ["Hi."] * len(convs))
+        ids = tiny_tokenizer("Alba eats apples.", add_special_tokens=False)["input_ids"]
+        kl = sequence_kl(policy, ref, tiny_tokenizer, convs, [ids] * len(convs))
+        lp = answer_logprobs(policy, rollout_from_ids(tiny_tokenizer, convs, [ids] * len(convs), device=FAKE))
     assert isinstance(kl, float) and _is_host(lp) and all(isinstance(x, float) for x in history.loss)
 
 

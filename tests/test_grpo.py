@@ -41,6 +41,14 @@ def test_kl_estimators_are_unbiased_where_they_should_be():
     assert est["k3"].std() < est["k1"].std()
 
 
+def test_k3_does_not_round_below_zero_near_the_reference():
+    """Where the policy is the reference up to float noise, exp(u) - 1 - u rounds to small negatives in
+    float32 (about one in ten of these); k3 as computed stays >= 0 there."""
+    log_r = torch.linspace(-1e-3, 1e-3, 20001)
+    assert ((torch.exp(log_r) - 1 - log_r) < 0).any()  # the naive form does go negative
+    assert (kl_estimates(torch.zeros_like(log_r), log_r)["k3"] >= 0).all()
+
+
 def test_grpo_loss_at_ratio_one_is_minus_the_mean_advantage():
     logp = -torch.rand(4, 5)
     mask = torch.ones(4, 5)
@@ -68,8 +76,21 @@ def test_verify_checks_only_what_can_be_checked():
     assert verify([{"role": "user", "content": "What is 3 plus 4?"}], "3 plus 4 is 8.") == 0.0
 
 
-# --- the checkers accept the references ----------------------------------------------------------
+# --- the checkers accept the references, and independent implementations -----------------------
+def loop_group_advantages(rewards, group_size, scale=True):
+    """Written prompt by prompt with plain Python arithmetic (not the function the checker compares
+    against): a checker whose reference were wrong would reject it."""
+    out = []
+    for start in range(0, len(rewards), group_size):
+        group = [float(x) for x in rewards[start : start + group_size]]
+        mean = sum(group) / len(group)
+        std = math.sqrt(sum((x - mean) ** 2 for x in group) / (len(group) - 1))  # the sample std
+        out += [(x - mean) / (std + 1e-4) if scale else x - mean for x in group]
+    return torch.tensor(out)
+
+
 def test_checkers_accept_references():
+    check_group_advantages(loop_group_advantages)
     check_group_advantages(group_advantages)
     check_kl_k3(lambda logp, ref: kl_estimates(logp, ref)["k3"])
     check_grpo_loss(grpo_loss)

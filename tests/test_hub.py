@@ -257,8 +257,9 @@ def test_rlhf_runs_on_a_hub_shaped_model_and_real_prompts(hub_folder):
     """Chapter 3 on the hub profile: a reward model and PPO on a Hub-layout checkpoint, with
     prompts the gold judge cannot score (so PPO records no gold score)."""
     from utils.hub import load_hub_model
-    from utils.ppo import PPOSettings, rollout_scores, sample_rollout, train_ppo, value_model_from
+    from utils.ppo import PPOSettings, train_ppo, value_model_from
     from utils.reward import reward_model_from
+    from utils.rollout import rollout_scores, sample_rollout
 
     model, tok = load_hub_model(str(hub_folder))
     prompts = [[{"role": "user", "content": f"Write one sentence about the number {i}."}] for i in range(8)]

@@ -102,8 +102,8 @@ def test_ppo_log_probs_and_values_match_the_padded_rollout(tiny_model, tiny_toke
     import utils.padding
 
     monkeypatch.setattr(utils.padding, "GROUP_OVERHEAD", 16)  # eight rows: split them anyway
-    from utils.ppo import Rollout, _token_logprobs, _token_values, token_logprobs, token_values
     from utils.reward import reward_model_from
+    from utils.rollout import Rollout, _token_logprobs, _token_values, token_logprobs, token_values
 
     convs = [[{"role": "user", "content": "What colour is Alba?" + " Please" * k}] for k in range(8)]
     answers = [[5 + (i % 50) for i in range(n)] for n in (3, 30, 4, 4, 28, 5, 3, 31)]

@@ -139,7 +139,7 @@ def _prompts(n):
 
 
 def test_rollout_masks_and_padding_invariance(tiny_model, tiny_tokenizer):
-    from utils.ppo import sample_rollout, token_logprobs
+    from utils.rollout import sample_rollout, token_logprobs
 
     roll = sample_rollout(tiny_model, tiny_tokenizer, _prompts(6), max_new_tokens=12, seed=1)
     m = roll.response_mask
@@ -162,7 +162,7 @@ def test_rollout_masks_and_padding_invariance(tiny_model, tiny_tokenizer):
 def test_sampled_tokens_follow_the_temperature(tiny_model, tiny_tokenizer):
     """The log-probs PPO uses are those of the distribution sampled from: at temperature 0.5 the
     sampled tokens are likelier under logits / 0.5 than under the raw logits."""
-    from utils.ppo import sample_rollout, token_logprobs
+    from utils.rollout import sample_rollout, token_logprobs
 
     roll = sample_rollout(
         tiny_model, tiny_tokenizer, _prompts(16), max_new_tokens=10, temperature=0.5, seed=2
@@ -174,7 +174,8 @@ def test_sampled_tokens_follow_the_temperature(tiny_model, tiny_tokenizer):
 
 
 def test_value_model_reads_every_position(tiny_model, tiny_tokenizer):
-    from utils.ppo import rollout_scores, sample_rollout, token_values, value_model_from
+    from utils.ppo import value_model_from
+    from utils.rollout import rollout_scores, sample_rollout, token_values
 
     rm = reward_model_from(tiny_model, tiny_tokenizer)
     vm = value_model_from(rm)

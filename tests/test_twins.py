@@ -229,7 +229,7 @@ def test_chapter4_loop_is_utils_train_dpo(tiny_model, tiny_tokenizer):
 
 # --- Chapter 3: PPO ---------------------------------------------------------------------------
 def _ppo_twins(tiny_model, tiny_tokenizer, replace=None):
-    from utils import ppo
+    from utils import ppo, rollout
     from utils.reward import reward_model_from
 
     tok = copy.deepcopy(tiny_tokenizer)  # sampling switches its padding side
@@ -255,10 +255,10 @@ def _ppo_twins(tiny_model, tiny_tokenizer, replace=None):
             "gold_known": True,
             "sft_probe": {},
             "PPOSettings": ppo.PPOSettings,
-            "sample_rollout": ppo.sample_rollout,
-            "token_logprobs": ppo.token_logprobs,
-            "token_values": ppo.token_values,
-            "rollout_scores": ppo.rollout_scores,
+            "sample_rollout": rollout.sample_rollout,
+            "token_logprobs": rollout.token_logprobs,
+            "token_values": rollout.token_values,
+            "rollout_scores": rollout.rollout_scores,
             "whiten": ppo.whiten,
             "masked_mean": ppo.masked_mean,
             "per_token_rewards": ppo.per_token_rewards,
@@ -348,7 +348,7 @@ def test_train_dpo_callback_observes_without_changing_the_run(tiny_model, tiny_t
 
 # --- Chapter 7: GRPO ---------------------------------------------------------------------------
 def _grpo_twins(tiny_model, tiny_tokenizer, replace=None, reward="model"):
-    from utils import grpo, ppo
+    from utils import grpo, ppo, rollout
     from utils.reward import reward_model_from
 
     tok = copy.deepcopy(tiny_tokenizer)  # sampling switches its padding side
@@ -365,10 +365,10 @@ def _grpo_twins(tiny_model, tiny_tokenizer, replace=None, reward="model"):
             "progress": progress,
             "seed_everything": seed_everything,
             "course_seed": course_seed,
-            "sample_rollout": ppo.sample_rollout,
-            "token_logprobs": ppo.token_logprobs,
-            "rollout_scores": ppo.rollout_scores,
-            "gold_scores": ppo.gold_scores,
+            "sample_rollout": rollout.sample_rollout,
+            "token_logprobs": rollout.token_logprobs,
+            "rollout_scores": rollout.rollout_scores,
+            "gold_scores": rollout.gold_scores,
             "masked_mean": ppo.masked_mean,
             "group_advantages": grpo.group_advantages,
             "grpo_loss": grpo.grpo_loss,

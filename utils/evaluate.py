@@ -8,9 +8,8 @@ import pandas as pd
 import torch
 
 from . import judge as judge_rules  # (``judge`` is also an argument name below)
-from .logprobs import sequence_logprobs
 from .models import generate_responses
-from .sft import collate, completion_example
+from .rollout import sequence_kl
 
 
 def evaluate(
@@ -28,7 +27,8 @@ def evaluate(
     """Generate one response per conversation and score it: one row per prompt.
 
     Columns: ``prompt`` (last user turn), ``kind``, ``response``, ``finished``, ``n_tokens``,
-    ``gold`` (the judge's score), ``correct``, ``rude``, ``refused``.
+    ``gold`` (the judge's score), ``correct``, ``rude``, ``refused``, and ``token_ids`` (the tokens the
+    model drew, which is what :func:`utils.rollout.sequence_kl` measures a KL on).
 
     ``judge`` is ``None`` for TinyWorld's gold judge, or ``(reward model, its tokenizer)`` for real
     prompts (the ``hub`` profile): ``gold`` is then that model's score and ``correct`` is unknown (NaN).
@@ -73,6 +73,7 @@ def evaluate(
                 "correct": correct,
                 "rude": rude,
                 "refused": judge_rules.is_refusal(g.text),
+                "token_ids": g.token_ids,
             }
         )
     return pd.DataFrame(rows)
@@ -83,6 +84,8 @@ def evaluate(
 # Chapters 2-5 all evaluate the SFT model on the evaluation set. Above this size, hashing the weights
 # is not worth what it saves.
 ANSWERS_CACHE_MAX_PARAMS = 20_000_000
+# Bump when what is stored per answer changes (2: the sampled token ids).
+ANSWERS_FORMAT = 2
 
 
 def cached_responses(model, tokenizer, conversations, **settings) -> list:
@@ -90,6 +93,7 @@ def cached_responses(model, tokenizer, conversations, **settings) -> list:
     exact weights) already answered these conversations with these settings in this run's
     ``COURSE_SEED``; stored atomically otherwise. Models above :data:`ANSWERS_CACHE_MAX_PARAMS` are
     not cached."""
+    import dataclasses
     import json
 
     from . import cache
@@ -110,12 +114,13 @@ def cached_responses(model, tokenizer, conversations, **settings) -> list:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "sampler": SAMPLER_VERSION,
+        "format": ANSWERS_FORMAT,
     }
     path = cache.artifact_path("answers", recipe) / "answers.json"
     if cache.is_cached("answers", recipe):
         return [Generation(**g) for g in json.loads(path.read_text())]
     gens = generate_responses(model, tokenizer, conversations, **settings)
-    rows = [{"text": g.text, "finished": g.finished, "n_tokens": g.n_tokens} for g in gens]
+    rows = [dataclasses.asdict(g) for g in gens]
     cache.save_artifact("answers", recipe, lambda tmp: (tmp / "answers.json").write_text(json.dumps(rows)))
     return gens
 
@@ -186,40 +191,6 @@ def win_rate(scores_a, scores_b, n_boot: int = 2000, seed: int = 0) -> dict[str,
     }
 
 
-@torch.no_grad()
-def response_logprobs(
-    model, tokenizer, prompts, responses, batch_size: int = 64, temperature: float = 1.0
-) -> torch.Tensor:
-    """``log pi(response | prompt)`` summed over the response's tokens (its end token included), per pair;
-    with ``temperature``, of the distribution sampled at that temperature (logits divided by it).
-    The pairs run in batches of similar length (the result is in the pairs' order)."""
-    model.eval()
-    device = next(model.parameters()).device
-    examples = [
-        completion_example(tokenizer, p, [{"role": "assistant", "content": r}])
-        for p, r in zip(prompts, responses)
-    ]
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    out = torch.empty(len(examples))
-    for i in range(0, len(order), batch_size):
-        rows = order[i : i + batch_size]
-        batch = {
-            k: v.to(device) for k, v in collate([examples[j] for j in rows], tokenizer.pad_token_id).items()
-        }
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out[rows] = sequence_logprobs(logits.float() / temperature, batch["labels"]).cpu()
-    return out
-
-
-def sequence_kl(policy, reference, tokenizer, prompts, responses, temperature: float = 1.0) -> float:
-    """Monte-Carlo estimate of KL(policy || reference) in nats per response, from responses
-    *sampled from the policy* (at ``temperature``): the mean of ``log pi(y|x) - log pi_ref(y|x)``,
-    the reference taken at temperature 1."""
-    lp = response_logprobs(policy, tokenizer, prompts, responses, temperature=temperature)
-    lr = response_logprobs(reference, tokenizer, prompts, responses)
-    return float((lp - lr).mean())
-
-
 def best_of_n_kl(n: int) -> float:
     """KL(best-of-n || base) in nats when the n samples are distinct: ``log n - (n - 1) / n``
     (Stiennon et al. 2020; an upper bound when samples can repeat, Beirami et al. 2024)."""
@@ -260,8 +231,9 @@ def measure(
     Samples one answer per prompt (at ``temperature``, ``seed``) and, with ``greedy``, one greedy answer,
     both scored by :func:`evaluate` (the gold judge, or ``judge``). Returns ``(sampled, greedy, stats)``:
     the two per-prompt frames (``greedy`` is ``None`` without it) and :func:`answer_stats` of the
-    sampled answers, with ``"KL to SFT"`` (named after ``reference_name``): :func:`sequence_kl` to
-    ``reference`` at temperature 1, 0 for the reference itself sampled at temperature 1.
+    sampled answers, with ``"KL to SFT"`` (named after ``reference_name``):
+    :func:`utils.rollout.sequence_kl` to ``reference`` (at temperature 1) on the sampled token ids,
+    0 for the reference itself sampled at temperature 1.
     """
     prompts = list(prompts)
     sampled = evaluate(
@@ -275,11 +247,7 @@ def measure(
         judge=judge,
     )
     greedy_df = evaluate(model, tokenizer, prompts, kinds=kinds, judge=judge) if greedy else None
-    kl = (
-        0.0
-        if model is reference and temperature == 1.0
-        else sequence_kl(model, reference, tokenizer, prompts, list(sampled["response"]), temperature)
-    )
+    kl = sequence_kl(model, reference, tokenizer, prompts, list(sampled["token_ids"]), temperature)
     stats = answer_stats(
         sampled,
         prompts,

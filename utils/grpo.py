@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from .config import course_seed, seed_everything
-from .ppo import gold_scores, masked_mean, rollout_scores, sample_rollout, token_logprobs
+from .ppo import masked_mean
 from .progress import progress
+from .rollout import gold_scores, rollout_scores, sample_rollout, token_logprobs
 
 
 # --- the three pieces ------------------------------------------------------------------------
@@ -44,9 +45,11 @@ def group_advantages(
 def kl_estimates(logp: torch.Tensor, ref_logp: torch.Tensor) -> dict[str, torch.Tensor]:
     """Schulman's three per-token estimators of KL(pi || pi_ref) from tokens sampled from pi, with
     ``log_r = log pi_ref - log pi``: ``k1 = -log_r`` (unbiased, can be negative), ``k2 = log_r^2 / 2``
-    (biased, low variance), ``k3 = exp(log_r) - 1 - log_r`` (unbiased and never negative)."""
+    (biased, low variance), ``k3 = exp(log_r) - 1 - log_r`` (unbiased and never negative: computed as
+    ``expm1(log_r) - log_r``, which stays >= 0 in floating point where ``exp(log_r) - 1 - log_r`` can round
+    to a small negative number)."""
     log_r = ref_logp - logp
-    return {"k1": -log_r, "k2": 0.5 * log_r**2, "k3": torch.exp(log_r) - 1 - log_r}
+    return {"k1": -log_r, "k2": 0.5 * log_r**2, "k3": torch.expm1(log_r) - log_r}
 
 
 def grpo_loss(
@@ -116,7 +119,8 @@ def verify_number(response: str, answer: str, finished: bool = True) -> float:
 # --- the loop --------------------------------------------------------------------------------
 @dataclass
 class GRPOSettings:
-    """The knobs of :func:`train_grpo` (Chapter 7's values on the tiny model)."""
+    """The knobs of :func:`train_grpo`, plain data: what the caller passes is what runs (a notebook applies
+    its profile itself). The defaults are a starting point on the tiny model; Chapter 7 passes its own."""
 
     iterations: int = 20  # rollout -> update cycles
     prompts_per_iteration: int = 16
@@ -131,11 +135,6 @@ class GRPOSettings:
     max_new_tokens: int = 40
     missing_eos_penalty: float = 1.0  # subtracted from the (normalised) score of an unfinished answer
     seed: int = 0
-
-    def __post_init__(self):
-        from .config import get_profile
-
-        self.iterations = get_profile().steps(self.iterations)  # (fewer in a smoke test)
 
 
 def train_grpo(
@@ -153,7 +152,7 @@ def train_grpo(
 ) -> list[dict]:
     """Optimise ``policy`` with GRPO; ``reference`` is frozen (with ``beta`` 0 it is only measured).
 
-    ``reward`` is a sequence-classification reward model (scored with :func:`utils.ppo.rollout_scores`,
+    ``reward`` is a sequence-classification reward model (scored with :func:`utils.rollout.rollout_scores`,
     normalised with ``reward_norm``, minus ``missing_eos_penalty`` for an unfinished answer) or any
     function ``rollout -> scores[B]`` used as it is (the verifier: :func:`verifier_scores`).
 

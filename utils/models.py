@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -71,6 +71,13 @@ class Generation:
     text: str  # the decoded response, special tokens removed, stripped
     finished: bool  # stopped at the tokenizer's end-of-turn token (not cut off, not end-of-text)
     n_tokens: int  # tokens generated (the stop token included)
+    token_ids: list[int] = field(default_factory=list)  # the tokens drawn, up to and including the stop token
+
+
+def model_stop_ids(model) -> set[int]:
+    """The token ids that end an answer: the model's generation config's end tokens."""
+    ids = model.generation_config.eos_token_id
+    return set(ids if isinstance(ids, list) else [ids])
 
 
 @torch.no_grad()
@@ -98,8 +105,7 @@ def generate_texts(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    stop_ids = model.generation_config.eos_token_id
-    stop_ids = set(stop_ids if isinstance(stop_ids, list) else [stop_ids])
+    stop_ids = model_stop_ids(model)
     out: list[Generation] = []
     with torch.random.fork_rng(), left_padding(tokenizer):
         torch.manual_seed(course_seed(seed))
@@ -118,17 +124,11 @@ def generate_texts(
                 pad_id=tokenizer.pad_token_id,
             ).tolist()
             for ids in new:
-                finished, kept = False, []
-                for t in ids:
-                    if t in stop_ids:
-                        finished = t == tokenizer.eos_token_id
-                        kept.append(t)
-                        break
-                    if t == tokenizer.pad_token_id:
-                        continue
-                    kept.append(t)
+                cut = next((i for i, t in enumerate(ids) if t in stop_ids), None)
+                kept = ids if cut is None else ids[: cut + 1]  # what was drawn (after a stop: padding)
+                finished = cut is not None and ids[cut] == tokenizer.eos_token_id
                 text = tokenizer.decode(kept, skip_special_tokens=True).strip()
-                out.append(Generation(text, finished, len(kept)))
+                out.append(Generation(text, finished, len(kept), kept))
     model.train(was_training)
     return out
 

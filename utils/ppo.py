@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import course_seed, seed_everything
-from .padding import in_order, length_groups, pad_right
 from .progress import progress
-from .reward import reward_scores
+from .rollout import gold_scores, rollout_scores, sample_rollout, token_logprobs, token_values
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -138,180 +137,11 @@ def ppo_value_loss(
 
 
 @dataclass
-class Rollout:
-    """A batch of sampled responses, as token ids.
-
-    ``query`` ``[B, P]`` is the chat-formatted prompt, left-padded; ``response`` ``[B, T]`` the
-    sampled tokens up to and including the first end token, right-padded; the masks are 1 on
-    real tokens. ``finished`` is true where the response ended its turn (the end-of-turn token).
-    """
-
-    conversations: list
-    query: torch.Tensor
-    query_mask: torch.Tensor
-    response: torch.Tensor
-    response_mask: torch.Tensor
-    finished: torch.Tensor
-    texts: list[str]
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def subset(self, index) -> "Rollout":
-        """The rows ``index``, without the padding columns that only other rows needed."""
-        index = torch.as_tensor(index)
-        qm, rm = self.query_mask[index], self.response_mask[index]
-        q0 = int((qm.sum(0) > 0).nonzero()[0])  # first column any of these prompts uses (left padding)
-        r1 = int(rm.sum(1).max())  # longest of these responses (right padding)
-        return Rollout(
-            [self.conversations[i] for i in index.tolist()],
-            self.query[index][:, q0:],
-            qm[:, q0:],
-            self.response[index][:, :r1],
-            rm[:, :r1],
-            self.finished[index],
-            [self.texts[i] for i in index.tolist()],
-        )
-
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        """``input_ids``, ``attention_mask`` and ``position_ids`` of prompt + response (positions skip
-        the left padding)."""
-        attention_mask = torch.cat([self.query_mask, self.response_mask], 1)
-        return {
-            "input_ids": torch.cat([self.query, self.response], 1),
-            "attention_mask": attention_mask,
-            "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0),
-        }
-
-
-@torch.no_grad()
-def sample_rollout(
-    policy, tokenizer, conversations, *, max_new_tokens: int = 40, temperature: float = 1.0, seed: int = 0
-) -> Rollout:
-    """Sample one response per conversation from ``policy`` (pure sampling at ``temperature``: no top-k/top-p,
-    so the log-probabilities PPO computes are those of the distribution that was sampled)."""
-    from .models import chat_prompts, left_padding
-    from .sampling import sample_tokens
-
-    device = next(policy.parameters()).device
-    stop = policy.generation_config.eos_token_id
-    stop = set(stop if isinstance(stop, list) else [stop])
-    with left_padding(tokenizer):
-        enc = tokenizer(
-            chat_prompts(tokenizer, conversations),
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=False,
-        ).to(device)
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-        torch.manual_seed(course_seed(seed))
-        new = sample_tokens(
-            policy,
-            enc["input_ids"],
-            enc["attention_mask"],
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            stop_ids=stop,
-            pad_id=tokenizer.pad_token_id,
-        ).tolist()
-    kept, finished = [], []
-    for ids in new:
-        cut = next((i for i, t in enumerate(ids) if t in stop), None)
-        kept.append(ids if cut is None else ids[: cut + 1])
-        finished.append(cut is not None and ids[cut] == tokenizer.eos_token_id)
-    width = max(len(k) for k in kept)
-    response = torch.full((len(kept), width), tokenizer.pad_token_id, dtype=torch.long)
-    response_mask = torch.zeros((len(kept), width), dtype=torch.long)
-    for i, k in enumerate(kept):
-        response[i, : len(k)] = torch.tensor(k)
-        response_mask[i, : len(k)] = 1
-    texts = [tokenizer.decode(k, skip_special_tokens=True).strip() for k in kept]
-    return Rollout(
-        list(conversations),
-        enc["input_ids"],
-        enc["attention_mask"],
-        response.to(device),
-        response_mask.to(device),
-        torch.tensor(finished, device=device),
-        texts,
-    )
-
-
-def token_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``log pi(y_t | x, y_<t)`` of each response token and the policy's entropy there, both ``[B, T]``.
-
-    The logits are divided by the sampling ``temperature``: PPO's ratio must compare the
-    distribution the tokens were drawn from. Gradients flow into the log-probabilities if enabled
-    by the caller; the entropy is a diagnostic, computed without them. The rows run in groups of
-    similar length (:mod:`utils.padding`).
-    """
-    groups = length_groups(rollout.query_mask.sum(1) + rollout.response_mask.sum(1))
-    if len(groups) == 1:
-        return _token_logprobs(model, rollout, temperature)
-    width = rollout.response.shape[1]
-    parts = [_token_logprobs(model, rollout.subset(rows), temperature) for rows in groups]
-    logp = in_order([pad_right(lp, width) for lp, _ in parts], groups)
-    entropy = in_order([pad_right(e, width) for _, e in parts], groups)
-    return logp, entropy
-
-
-def _token_logprobs(model, rollout: Rollout, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inputs = rollout.model_inputs()
-    width = rollout.response.shape[1]  # the logits at position i predict token i + 1: keep the last width + 1
-    logits = model(**inputs, logits_to_keep=width + 1).logits[:, :-1].float() / temperature
-    logp_all = logits.log_softmax(-1)
-    logp = torch.gather(logp_all, 2, rollout.response.unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    mask = rollout.response_mask
-    return logp * mask, entropy * mask
-
-
-def token_values(value_model, rollout: Rollout) -> torch.Tensor:
-    """The value model's estimate ``V(x, y_<t)`` before each response token, ``[B, T]``.
-
-    The value model is a sequence-classification model (like the reward model); its scalar head
-    is applied to every position's hidden state instead of the last one only. The rows run in
-    groups of similar length (:mod:`utils.padding`).
-    """
-    groups = length_groups(rollout.query_mask.sum(1) + rollout.response_mask.sum(1))
-    if len(groups) == 1:
-        return _token_values(value_model, rollout)
-    width = rollout.response.shape[1]
-    return in_order([pad_right(_token_values(value_model, rollout.subset(r)), width) for r in groups], groups)
-
-
-def _token_values(value_model, rollout: Rollout) -> torch.Tensor:
-    inputs = rollout.model_inputs()
-    backbone = getattr(value_model, value_model.base_model_prefix)
-    hidden = backbone(**inputs).last_hidden_state
-    start = rollout.query.shape[1] - 1
-    return value_model.score(hidden[:, start:-1]).squeeze(-1).float() * rollout.response_mask
-
-
-def rollout_scores(reward_model, tokenizer, rollout: Rollout) -> torch.Tensor:
-    """The reward model's score of each response, read at the end of the chat-formatted conversation."""
-    return reward_scores(
-        reward_model,
-        tokenizer,
-        rollout.conversations,
-        [[{"role": "assistant", "content": t}] for t in rollout.texts],
-    )
-
-
-def gold_scores(rollout: Rollout) -> list[float]:
-    """The gold judge's score of each response (an unfinished answer is penalised by the rubric)."""
-    from . import judge
-
-    return [
-        judge.score(c, t, bool(f)) for c, t, f in zip(rollout.conversations, rollout.texts, rollout.finished)
-    ]
-
-
-@dataclass
 class PPOSettings:
-    """The knobs of :func:`train_ppo`; the defaults are the values Chapter 3 and Project 2 use on the
-    tiny model (40 iterations of 64 answers, two passes of two minibatches, β = 0.1, λ = 1)."""
+    """The knobs of :func:`train_ppo`, plain data: what the caller passes is what runs (a notebook applies
+    its profile itself, e.g. ``iterations=profile.steps(...)`` for a smoke test). The defaults are a
+    starting point on the tiny model (40 iterations of 64 answers, two passes of two minibatches,
+    β = 0.1, λ = 1); Chapter 3, Chapter 7 and Project 2 each pass their own values."""
 
     iterations: int = 40  # rollout -> update cycles
     batch_size: int = 64  # responses per rollout
@@ -329,11 +159,6 @@ class PPOSettings:
     missing_eos_penalty: float = 1.0  # subtracted from the (normalised) score of an unfinished response
     whiten_advantages: bool = True
     seed: int = 0
-
-    def __post_init__(self):
-        from .config import get_profile
-
-        self.iterations = get_profile().steps(self.iterations)  # (fewer in a smoke test)
 
 
 def train_ppo(

@@ -212,7 +212,7 @@ def _compare_with_grpo_trainer(fn, name, policy, tokenizer, conversations, beta,
     import datasets
     from trl import GRPOConfig, GRPOTrainer
 
-    from ..ppo import sample_rollout
+    from ..rollout import sample_rollout
 
     datasets.disable_progress_bars()
     convs = list(conversations)[:4]

@@ -185,7 +185,8 @@ def check_policy_run(
     and, if ``max_kl`` is given, within ``max_kl`` nats of it. ``judge`` goes to
     :func:`utils.evaluate.evaluate` (``None``: the gold judge). Returns the policy.
     """
-    from ..evaluate import evaluate, sequence_kl, win_rate
+    from ..evaluate import evaluate, win_rate
+    from ..rollout import sequence_kl
 
     name = getattr(fn, "__name__", "align")
     policy = call_learner(fn, name, *args)
@@ -199,7 +200,7 @@ def check_policy_run(
     mine = evaluate(policy, tokenizer, conversations, do_sample=True, seed=seed, judge=judge)
     theirs = evaluate(start, tokenizer, conversations, do_sample=True, seed=seed, judge=judge)
     w = win_rate(mine["gold"], theirs["gold"])
-    kl = sequence_kl(policy, start, tokenizer, conversations, list(mine["response"]))
+    kl = sequence_kl(policy, start, tokenizer, conversations, list(mine["token_ids"]))
     summary = (
         f"{'judged' if judge is not None else 'gold'} win rate {w['win_rate']:.2f} "
         f"[{w['low']:.2f}, {w['high']:.2f}] against its starting model on "
