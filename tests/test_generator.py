@@ -154,7 +154,7 @@ def test_student_version(gen):
         if c.cell_type == "code":
             assert c.outputs == [] and c.execution_count is None
         assert "hide-input" not in c.metadata.get("tags", [])
-    assert student.cells[2].metadata == {"tags": ["bootstrap"]}
+    assert student.cells[2].metadata == {"tags": ["bootstrap"], "cellView": "form"}  # a Colab form
     assert student.cells[2].source == solution.cells[2].source  # the setup cell stays
     assert set(student.metadata) == {"kernelspec", "language_info", "colab"}
     nbformat.validate(student)
@@ -193,8 +193,12 @@ def test_normalize_solution_fills_the_managed_cells(gen):
 def test_normalize_solution_tags_solution_cells(gen):
     nb = gen.normalize_solution(make_solution_notebook(), "01.ipynb")
     assert "hide-input" in nb.cells[4].metadata["tags"]
-    for i in (2, 5):  # setup and checker cells are shown
-        assert "hide-input" not in nb.cells[i].metadata.get("tags", [])
+    assert "hide-input" not in nb.cells[5].metadata.get("tags", [])  # checker cells are shown
+    setup = nb.cells[2]  # one line for the reader: a Colab form, and behind a toggle in the book
+    assert setup.source.startswith("# @title ") and setup.metadata["cellView"] == "form"
+    assert "hide-input" in setup.metadata["tags"] and "setup" in setup.metadata["mystnb"]["code_prompt_show"]
+    student = gen.student_version(nb, "01.ipynb")
+    assert student.cells[2].metadata == {"tags": ["bootstrap"], "cellView": "form"}
     assert "hide-input" not in nb.cells[3].metadata.get("tags", [])  # markdown answers are not hidden code
     again = gen.normalize_solution(nb, "01.ipynb")
     assert nbformat.writes(again) == nbformat.writes(nb)  # idempotent: no duplicate tags

@@ -235,13 +235,14 @@ def test_ppo_raises_a_simple_reward(tiny_model, tiny_tokenizer):
 
 def test_train_ppo_runs_the_advantages_block_it_is_given(tiny_model, tiny_tokenizer):
     """Project 2's learners pass their own block: zero advantages must leave the policy where it was
-    (while the value model still trains on the returns), and the course's block is the default."""
+    (while the value model still trains on the returns); without one, the loop runs Chapter 3's
+    functions, which is the course's block (next test)."""
     import copy
     import inspect
 
     from utils.ppo import PPOSettings, rlhf_advantages, train_ppo, value_model_from
 
-    assert inspect.signature(train_ppo).parameters["advantages_fn"].default is rlhf_advantages
+    assert inspect.signature(train_ppo).parameters["advantages_fn"].default is None  # Chapter 3's functions
     calls = []
 
     def zero_block(scores, logprobs, ref_logprobs, values, mask, kl_coef, gamma, lam, whiten_advantages):
@@ -268,3 +269,35 @@ def test_train_ppo_runs_the_advantages_block_it_is_given(tiny_model, tiny_tokeni
     )
     assert calls == [(s.kl_coef, s.gamma, 0.9, True)] * 2
     assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+def test_train_ppo_without_a_block_is_train_ppo_with_the_courses_block(tiny_model, tiny_tokenizer):
+    """Chapter 3's loop calls per_token_rewards, gae and whiten itself; Project 2 passes
+    rlhf_advantages (the same three in one function): the two must train the same weights."""
+    import copy
+
+    from utils.ppo import PPOSettings, rlhf_advantages, train_ppo, value_model_from
+
+    s = PPOSettings(iterations=2, batch_size=8, minibatch_size=4, max_new_tokens=6, lam=0.9)
+    runs = []
+    for block in (None, rlhf_advantages):
+        policy = copy.deepcopy(tiny_model)
+        vm = value_model_from(reward_model_from(tiny_model, tiny_tokenizer))
+        log = train_ppo(
+            policy,
+            tiny_model,
+            vm,
+            lambda roll: roll.response_mask.sum(1).float() / 6,
+            tiny_tokenizer,
+            _prompts(16),
+            s,
+            gold=False,
+            show_progress=False,
+            advantages_fn=block,
+        )
+        runs.append((policy, vm, log))
+    (p1, v1, log1), (p2, v2, log2) = runs
+    assert all(torch.equal(a, b) for a, b in zip(p1.parameters(), p2.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(v1.parameters(), v2.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(p1.parameters(), tiny_model.parameters()))
+    assert [h["policy_loss"] for h in log1] == [h["policy_loss"] for h in log2]

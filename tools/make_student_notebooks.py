@@ -9,9 +9,11 @@ The solutions are the only hand-edited notebooks. For each one this tool
 * drops cells tagged ``solution-only``; clears outputs and execution counts;
 * keeps two managed cells in step with ``utils.config.REPO_URL`` (the one place the
   repository's address lives): the "Open in Colab" badge (tag ``colab-badge``) and the setup
-  cell (tag ``bootstrap``);
+  cell (tag ``bootstrap``), which shows one line, its title (a Colab form; behind a toggle in the
+  book);
 * tags each solution cell ``hide-input`` (with myst-nb prompts) in the solution notebook, so
-  the book shows it behind a "Show solution" toggle.
+  the book shows it behind a "Show solution" toggle;
+* copies the cells marked ``# saved in utils/NAME.py`` into ``utils`` (``tools/export_loops.py``).
 
 Usage::
 
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import nbformat
 
+from tools import export_loops
 from utils.config import REPO_URL  # (utils is installed: pip install -e .)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,15 +47,21 @@ SOLUTION_TAG, BADGE_TAG, BOOTSTRAP_TAG, SOLUTION_ONLY_TAG = (
     "bootstrap",
     "solution-only",
 )
+# The setup cell shows one line: its title, as a Colab form (``cellView``), and behind a toggle in the book.
+BOOTSTRAP_METADATA = {
+    "cellView": "form",
+    "mystnb": {"code_prompt_show": "Show the setup code", "code_prompt_hide": "Hide the setup code"},
+}
 TOGGLE_PROMPTS = {
     "code_prompt_show": "Show solution",
     "code_prompt_hide": "Hide solution",
 }  # myst-nb, per cell
 
 BOOTSTRAP = """\
-# Setup: make the course's `utils` importable. In the course's environment (the README's
-# commands run `pip install -e .`) it already is; in a downloaded copy this installs it;
-# on Colab it clones the course and installs it with its requirements first.
+# @title Setup: run this cell first (it makes the course's `utils` importable)
+# In the course's environment (the README's commands run `pip install -e .`) it
+# already is; in a downloaded copy this installs it; on Colab it clones the course and
+# installs it with its requirements first.
 import subprocess
 import sys
 from pathlib import Path
@@ -142,13 +151,17 @@ def normalize_solution(nb, name: str):
             f"tagged {BOOTSTRAP_TAG!r} (found {len(badge_cells)} and {len(boot_cells)})"
         )
     badge_cells[0].source = badge(name)
-    boot_cells[0].source = BOOTSTRAP.format(repo_url=REPO_URL)
+    boot = boot_cells[0]
+    boot.source = BOOTSTRAP.format(repo_url=REPO_URL)
+    boot.metadata.update(copy.deepcopy(BOOTSTRAP_METADATA))
+    if SOLUTION_TAG not in boot.metadata["tags"]:
+        boot.metadata["tags"] = boot.metadata["tags"] + [SOLUTION_TAG]
     code_cells = [c for c in cells if c.cell_type == "code"]
     if not code_cells or code_cells[0] is not boot_cells[0]:
         raise GeneratorError(f"{name}: the cell tagged {BOOTSTRAP_TAG!r} must be the first code cell")
     for c in cells:
         tags = list(c.metadata.get("tags", []))
-        if c.cell_type == "code" and has_solution(c):
+        if c.cell_type == "code" and has_solution(c) and c is not boot:
             if SOLUTION_TAG not in tags:
                 c.metadata["tags"] = tags + [SOLUTION_TAG]
             c.metadata["mystnb"] = dict(TOGGLE_PROMPTS)
@@ -169,6 +182,8 @@ def student_version(solution_nb, name: str):
         elif c.cell_type == "markdown":
             c.source = _stub_markdown(c.source, where)
         c.metadata = {"tags": tags} if tags else {}
+        if BOOTSTRAP_TAG in tags:
+            c.metadata["cellView"] = BOOTSTRAP_METADATA["cellView"]  # collapsed to its title on Colab
         cells.append(c)
     nb.cells = cells
     # nothing that an execution of the solution changes (language_info gains versions when it runs)
@@ -210,6 +225,12 @@ def run(check: bool) -> list[str]:
             STUDENTS.mkdir(exist_ok=True)
             if not target.exists() or target.read_text() != student:
                 target.write_text(student)
+    exported = export_loops.run(check, SOLUTIONS, SOLUTIONS.parent)  # utils' copies of the saved cells
+    if check:
+        problems += exported
+    else:
+        for line in exported:
+            print(f"wrote {line.split(':')[0]}")
     for extra in sorted(STUDENTS.glob("*.ipynb")):
         if extra.name not in expected_students:
             if check:
@@ -225,7 +246,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         problems = run(args.check)
-    except GeneratorError as e:
+    except (GeneratorError, export_loops.ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for p in problems:

@@ -1,7 +1,7 @@
 """The hand-off between stages: every artifact one chapter makes and a later one starts from.
 
 One place for each stage's **recipe** (everything that determines it), how to **build** it from
-the recipe (with the ``utils`` twin of the chapter's loop), **get** it (from the cache, built when
+the recipe (with the chapter's own loop, saved in ``utils``), **get** it (from the cache, built when
 absent; the ``hub`` profile's checkpoint or dataset instead) and **save** it (what a chapter
 trained, stored only if it was trained with the recipe's settings):
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +77,6 @@ class Profile:
     # datasets and evaluation sets hold at most ``max_examples`` rows. See :data:`SMOKE`.
     max_steps: int | None = None
     max_examples: int | None = None
-    extra: dict = field(default_factory=dict)
 
     def with_overrides(self, **changes) -> "Profile":
         return replace(self, **changes)

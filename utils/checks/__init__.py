@@ -37,8 +37,6 @@ from .ch5_orpo import check_average_logprobs, check_log_odds, check_orpo_loss
 from .ch7_beyond import check_group_advantages, check_grpo_loss, check_kl_k3, check_verifier
 from .core import (
     CheckError,
-    _loss_verdict,  # noqa: F401 - kept importable from utils.checks, as before the split into modules
-    _scalar,  # noqa: F401 - kept importable from utils.checks, as before the split into modules
     call_learner,
     compare_with_trl_trainer,
     expect_tensor,
