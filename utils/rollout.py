@@ -258,8 +258,8 @@ def answer_logprobs(model, rollout: Rollout, temperature: float = 1.0, batch_siz
 def rollout_kl(policy, reference, rollout: Rollout, temperature: float = 1.0) -> float:
     """Monte-Carlo estimate of KL(policy || reference) in nats per answer, from answers *sampled from the
     policy* at ``temperature``: the mean over answers of ``log pi(y|x) - log pi_ref(y|x)`` on the sampled
-    token ids (k1 summed over each answer's tokens; the reference at temperature 1). This is the KL
-    that PPO's penalty and Chapter 7's GRPO log on their rollouts."""
+    token ids (k1 summed over each answer's tokens; the reference at temperature 1). At temperature 1
+    it is the KL that the PPO and GRPO loops log on their rollouts (``tests/test_rollout.py``)."""
     if policy is reference and temperature == 1.0:
         return 0.0
     lp = answer_logprobs(policy, rollout, temperature)
