@@ -9,9 +9,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import nbformat
-from nbclient import NotebookClient
-
 from utils.costs import PeakMemory  # (utils is installed: pip install -e .)
 
 # The budgets (README, "Timings"): each notebook at most 2 min (RLHF, Project 2 and Chapter 7 3 min), the
@@ -32,6 +29,9 @@ def collapse_carriage_returns(nb) -> None:
 def execute(path: Path, save: bool, timeout: int) -> dict:
     """Execute one notebook top to bottom in a Jupyter kernel (saving its outputs with ``save``); returns
     its wall time and peak memory (over the kernel's process tree) against its budget."""
+    import nbformat  # (here, not at the top: tools/run_plain.py imports machine() where Jupyter is absent)
+    from nbclient import NotebookClient
+
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
         nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
@@ -58,6 +58,7 @@ def execute(path: Path, save: bool, timeout: int) -> dict:
 
 
 def machine() -> dict:
+    """This machine, for a timing record: its CPU, cores, Python and torch, and today's date."""
     import torch
 
     cpu = platform.processor() or platform.machine()

@@ -161,7 +161,7 @@ def normalize_solution(nb, name: str):
         raise GeneratorError(f"{name}: the cell tagged {BOOTSTRAP_TAG!r} must be the first code cell")
     for c in cells:
         tags = list(c.metadata.get("tags", []))
-        if c.cell_type == "code" and has_solution(c) and c is not boot:
+        if c.cell_type == "code" and has_solution(c):
             if SOLUTION_TAG not in tags:
                 c.metadata["tags"] = tags + [SOLUTION_TAG]
             c.metadata["mystnb"] = dict(TOGGLE_PROMPTS)

@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,22 +71,13 @@ json.dump(result, open(out_path, "w"))
 
 
 def machine() -> dict:
-    info = {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+    """The benchmark's description of this machine, and how the notebooks were run."""
+    from tools.execution import machine as host
+
+    return host() | {
         "runner": "tools/run_plain.py (cells executed in a fresh process per notebook, no Jupyter)",
         "profile": os.environ.get("COURSE_PROFILE", "tiny"),
     }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return info
 
 
 def run(path: Path, out_dir: Path, env: dict, timeout: int) -> dict:

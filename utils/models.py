@@ -80,6 +80,13 @@ def model_stop_ids(model) -> set[int]:
     return set(ids if isinstance(ids, list) else [ids])
 
 
+def cut_at_stop(ids: list[int], stop_ids, eos_id: int) -> tuple[list[int], bool]:
+    """The tokens a row drew, up to and including its first stop token (the sampler pads after it),
+    and whether that stop was the end-of-turn token ``eos_id`` (an answer that ended its turn)."""
+    cut = next((i for i, t in enumerate(ids) if t in stop_ids), None)
+    return (ids if cut is None else ids[: cut + 1]), (cut is not None and ids[cut] == eos_id)
+
+
 @torch.no_grad()
 def generate_texts(
     model,
@@ -124,9 +131,7 @@ def generate_texts(
                 pad_id=tokenizer.pad_token_id,
             ).tolist()
             for ids in new:
-                cut = next((i for i, t in enumerate(ids) if t in stop_ids), None)
-                kept = ids if cut is None else ids[: cut + 1]  # what was drawn (after a stop: padding)
-                finished = cut is not None and ids[cut] == tokenizer.eos_token_id
+                kept, finished = cut_at_stop(ids, stop_ids, tokenizer.eos_token_id)
                 text = tokenizer.decode(kept, skip_special_tokens=True).strip()
                 out.append(Generation(text, finished, len(kept), kept))
     model.train(was_training)

@@ -78,7 +78,7 @@ def sample_rollout(
 ) -> Rollout:
     """Sample one response per conversation from ``policy`` (pure sampling at ``temperature``: no top-k/top-p,
     so the log-probabilities PPO computes are those of the distribution that was sampled)."""
-    from .models import chat_prompts, left_padding, model_stop_ids
+    from .models import chat_prompts, cut_at_stop, left_padding, model_stop_ids
     from .sampling import sample_tokens
 
     device = next(policy.parameters()).device
@@ -101,25 +101,27 @@ def sample_rollout(
             stop_ids=stop,
             pad_id=tokenizer.pad_token_id,
         ).tolist()
-    kept, finished = [], []
-    for ids in new:
-        cut = next((i for i, t in enumerate(ids) if t in stop), None)
-        kept.append(ids if cut is None else ids[: cut + 1])
-        finished.append(cut is not None and ids[cut] == tokenizer.eos_token_id)
-    width = max(len(k) for k in kept)
-    response = torch.full((len(kept), width), tokenizer.pad_token_id, dtype=torch.long)
-    response_mask = torch.zeros((len(kept), width), dtype=torch.long)
-    for i, k in enumerate(kept):
-        response[i, : len(k)] = torch.tensor(k)
-        response_mask[i, : len(k)] = 1
-    texts = [tokenizer.decode(k, skip_special_tokens=True).strip() for k in kept]
+    kept, finished = zip(*(cut_at_stop(ids, stop, tokenizer.eos_token_id) for ids in new))
+    return _answered(tokenizer, conversations, enc, kept, finished, device)
+
+
+def _answered(tokenizer, conversations, enc, responses, finished, device) -> Rollout:
+    """The :class:`Rollout` of ``conversations`` (``enc``: their prompts, tokenised left-padded) and
+    the answers' token ids ``responses``, right-padded."""
+    width = max([1, *map(len, responses)])
+    response = torch.full((len(responses), width), tokenizer.pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((len(responses), width), dtype=torch.long)
+    for i, r in enumerate(responses):
+        response[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        response_mask[i, : len(r)] = 1
+    texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
     return Rollout(
         list(conversations),
         enc["input_ids"],
         enc["attention_mask"],
         response.to(device),
         response_mask.to(device),
-        torch.tensor(finished, device=device),
+        torch.as_tensor(list(map(bool, finished)), device=device),
         texts,
     )
 
@@ -220,24 +222,9 @@ def rollout_from_ids(tokenizer, conversations, responses, finished=None, device=
     with left_padding(tokenizer):
         prompts = chat_prompts(tokenizer, conversations)
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    width = max([1, *map(len, responses)])
-    response = torch.full((len(responses), width), tokenizer.pad_token_id, dtype=torch.long)
-    response_mask = torch.zeros((len(responses), width), dtype=torch.long)
-    for i, r in enumerate(responses):
-        response[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        response_mask[i, : len(r)] = 1
     if finished is None:
         finished = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]
-    texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
-    return Rollout(
-        conversations,
-        enc["input_ids"],
-        enc["attention_mask"],
-        response.to(device),
-        response_mask.to(device),
-        torch.as_tensor(list(map(bool, finished)), device=device),
-        texts,
-    )
+    return _answered(tokenizer, conversations, enc, responses, finished, device)
 
 
 @torch.no_grad()
