@@ -457,6 +457,26 @@ def test_win_rate_rejects_bad_input(a, b):
         evaluate.win_rate(a, b)
 
 
+def test_mean_difference_is_paired():
+    # a shared per-prompt level cancels: b is a plus a constant, so every resample gives -0.1
+    rng = np.random.default_rng(0)
+    a = rng.normal(0.0, 5.0, 400)
+    result = evaluate.mean_difference(a, a + 0.1)
+    assert result["difference"] == pytest.approx(-0.1)
+    assert result["low"] == pytest.approx(-0.1) and result["high"] == pytest.approx(-0.1)
+
+
+def test_mean_difference_interval_on_flags():
+    rng = np.random.default_rng(1)
+    a, b = rng.random(800) < 0.15, rng.random(800) < 0.05
+    result = evaluate.mean_difference(a, b)
+    assert result["difference"] == pytest.approx(a.mean() - b.mean())
+    assert 0 < result["low"] < result["difference"] < result["high"]
+    assert evaluate.mean_difference(b, a)["high"] < 0  # and the other way round
+    with pytest.raises(ValueError, match="equally long, non-empty"):
+        evaluate.mean_difference([1.0, 2.0], [1.0])
+
+
 def test_evaluate_scores_every_generation_with_the_judge(tiny_model, tiny_tokenizer):
     convs = data.eval_conversations(6, dialogues=0.5)
     df = evaluate.evaluate(tiny_model, tiny_tokenizer, convs["prompt"], kinds=convs["kind"], max_new_tokens=6)

@@ -113,6 +113,41 @@ def test_train_dpo_callback_observes_without_changing_the_run(tiny_model, tiny_t
     assert seen == [(s, False, False) for s in range(4)]  # before the first step, then after each
 
 
+# --- Chapter 5: ORPO -------------------------------------------------------------------------
+def test_train_orpo_runs_epochs_over_every_pair_and_uses_its_loss_fn(tiny_model, tiny_tokenizer, monkeypatch):
+    """Chapter 5's matched comparison counts ORPO's steps in epochs: every pair once per epoch
+    (a short last batch included), reshuffled between epochs; the ablation goes in as
+    ``loss_fn`` and replaces the odds-ratio loss."""
+    from utils import orpo
+
+    pairs = data.annotator_preferences(20, seed=0)
+    seen = []
+    real = orpo.pair_batch
+    monkeypatch.setattr(orpo, "pair_batch", lambda tok, rows, dev: seen.append(rows) or real(tok, rows, dev))
+    model = copy.deepcopy(tiny_model)
+    kw = dict(batch_size=8, lr=3e-3, show_progress=False)
+    log = orpo.train_orpo(model, tiny_tokenizer, pairs, 1.0, steps=6, **kw)
+    assert len(log) == 6 and [len(r) for r in seen] == [8, 8, 4] * 2
+    prompts = [[r["prompt"][-1]["content"] + r["chosen"][0]["content"] for r in rows] for rows in seen]
+    first, second = sum(prompts[:3], []), sum(prompts[3:], [])
+    want = sorted(p[-1]["content"] + c[0]["content"] for p, c in zip(pairs["prompt"], pairs["chosen"]))
+    assert sorted(first) == sorted(second) == want and first != second
+    assert not same_weights(model, tiny_model)
+
+    def probability_ratio(nll, chosen, rejected, lam):
+        d = chosen - rejected
+        return nll - lam * torch.nn.functional.logsigmoid(d).mean(), d.detach().mean()
+
+    monkeypatch.setattr(orpo, "pair_batch", real)
+    a, b = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    kw = dict(kw, steps=3)
+    orpo.train_orpo(a, tiny_tokenizer, pairs, 1.0, **kw)
+    orpo.train_orpo(b, tiny_tokenizer, pairs, 1.0, loss_fn=probability_ratio, **kw)
+    c = copy.deepcopy(tiny_model)
+    orpo.train_orpo(c, tiny_tokenizer, pairs, 1.0, loss_fn=orpo.orpo_loss, **kw)
+    assert same_weights(a, c) and not same_weights(a, b)
+
+
 # --- Chapter 7: GRPO -------------------------------------------------------------------------
 def _grpo_settings(**kw):
     from utils.grpo import GRPOSettings

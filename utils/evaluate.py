@@ -191,6 +191,23 @@ def win_rate(scores_a, scores_b, n_boot: int = 2000, seed: int = 0) -> dict[str,
     }
 
 
+def mean_difference(values_a, values_b, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """The mean of ``a - b`` over the same prompts (scores, or 0/1 flags such as ``rude``), with a
+    paired bootstrap 95% confidence interval: ``{"difference", "low", "high"}``. Paired: each prompt's
+    two values are resampled together, so what the prompts share cancels."""
+    a, b = np.asarray(values_a, float), np.asarray(values_b, float)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"need two equally long, non-empty value lists; got {a.shape} and {b.shape}")
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    boots = diff[rng.integers(0, len(a), size=(n_boot, len(a)))].mean(axis=1)
+    return {
+        "difference": float(diff.mean()),
+        "low": float(np.quantile(boots, 0.025)),
+        "high": float(np.quantile(boots, 0.975)),
+    }
+
+
 def best_of_n_kl(n: int) -> float:
     """KL(best-of-n || base) in nats when the n samples are distinct: ``log n - (n - 1) / n``
     (Stiennon et al. 2020; an upper bound when samples can repeat, Beirami et al. 2024)."""
