@@ -113,6 +113,23 @@ def test_train_dpo_callback_observes_without_changing_the_run(tiny_model, tiny_t
     assert seen == [(s, False, False) for s in range(4)]  # before the first step, then after each
 
 
+def test_train_dpo_runs_the_reference_once_per_pair(tiny_model, tiny_tokenizer):
+    """Over several epochs the frozen reference's log-probabilities are computed in the first
+    and reused: its forward passes see each answer once, the policy's once per epoch."""
+    from utils.costs import count_sequences
+    from utils.dpo import train_dpo
+
+    pairs = data.annotator_preferences(20, seed=0)
+    policy, reference = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    policy_counts, h1 = count_sequences(policy)
+    reference_counts, h2 = count_sequences(reference)
+    log = train_dpo(policy, reference, tiny_tokenizer, pairs, epochs=3, batch_size=8, show_progress=False)
+    [h.remove() for h in h1 + h2]
+    assert len(log) == 9 and reference_counts == {"with_grad": 0, "without_grad": 40}
+    assert policy_counts == {"with_grad": 120, "without_grad": 0}
+    assert log.accuracy.iloc[0] == 0.5  # step 1: the policy is the reference, every pair ties
+
+
 # --- Chapter 5: ORPO -------------------------------------------------------------------------
 def test_train_orpo_runs_epochs_over_every_pair_and_uses_its_loss_fn(tiny_model, tiny_tokenizer, monkeypatch):
     """Chapter 5's matched comparison counts ORPO's steps in epochs: every pair once per epoch

@@ -110,9 +110,13 @@ def train_dpo(
     """DPO with your `dpo_loss` (or `loss_fn`, with the same arguments) on
     `prompt/chosen/rejected` pairs, against a frozen `reference`: AdamW, the learning
     rate decayed linearly to 0 (TRL's default), gradient clipping. Returns one row per
-    step: loss, implicit-reward accuracy and margin, and the policy's mean
-    log-probabilities of the chosen and rejected answers. `callback(step, policy)` runs
-    after every step (and once before the first), for measurements."""
+    step, measured on the step's batch before its update (in the first epoch, pairs
+    the policy has not been trained on yet): loss, implicit-reward accuracy (a tie
+    counts one half) and margin, and the policy's mean log-probabilities of the chosen
+    and rejected answers and their mean log-ratios to the reference. The reference
+    runs once per pair, in the first epoch; later epochs reuse its log-probabilities.
+    `callback(step, policy)` runs after every step (and once before the first), for
+    measurements."""
     require_columns(pairs, ["prompt", "chosen", "rejected"], "DPO")
     seed_everything(seed)
     reference.eval()  # frozen: only ever run under torch.no_grad() below
@@ -124,6 +128,7 @@ def train_dpo(
         opt, lambda s: 1 - s / n_steps
     )  # linear decay, as TRL's default
     g = torch.Generator().manual_seed(course_seed(seed))
+    ref_logps = {}  # pair -> the frozen reference's log-probs of its two answers
     log, bar = [], progress(total=n_steps, desc=desc, disable=not show_progress)
     if callback is not None:
         run_callback(callback, 0, policy)
@@ -131,13 +136,17 @@ def train_dpo(
     for _ in range(epochs):
         order = torch.randperm(len(rows), generator=g).tolist()
         for i in range(0, len(order), batch_size):
-            chunk = [rows[j] for j in order[i : i + batch_size]]
+            idx = order[i : i + batch_size]
+            chunk = [rows[j] for j in idx]
             batch, n = (
                 pair_batch(tokenizer, chunk, device),
                 len(chunk),
             )  # [chosen; rejected]
-            with torch.no_grad():
-                ref = logps_of(reference, batch)
+            if idx[0] not in ref_logps:  # the first epoch
+                with torch.no_grad():
+                    ref = logps_of(reference, batch)
+                ref_logps.update({j: (ref[k], ref[n + k]) for k, j in enumerate(idx)})
+            ref = torch.stack([ref_logps[j][a] for a in (0, 1) for j in idx])
             pol = logps_of(policy, batch)
             loss = (loss_fn or dpo_loss)(pol[:n], pol[n:], ref[:n], ref[n:], beta)
             opt.zero_grad(set_to_none=True)
@@ -147,13 +156,18 @@ def train_dpo(
             sched.step()
             reward_c = beta * (pol[:n] - ref[:n]).detach()
             reward_r = beta * (pol[n:] - ref[n:]).detach()
+            ranked = (reward_c > reward_r).float() + 0.5 * (
+                reward_c == reward_r
+            ).float()
             log.append(
                 {
                     "loss": loss.item(),
-                    "accuracy": (reward_c > reward_r).float().mean().item(),
+                    "accuracy": ranked.mean().item(),
                     "margin": (reward_c - reward_r).mean().item(),
                     "logp_chosen": pol[:n].mean().item(),
                     "logp_rejected": pol[n:].mean().item(),
+                    "logratio_chosen": (pol[:n] - ref[:n]).mean().item(),
+                    "logratio_rejected": (pol[n:] - ref[n:]).mean().item(),
                 }
             )
             if callback is not None:
