@@ -55,3 +55,18 @@ def test_evaluate_reads_the_cache(tiny_model, tiny_tokenizer, tmp_cache):
     a = ev.evaluate(tiny_model, tiny_tokenizer, convs, do_sample=True, seed=3)
     b = ev.evaluate(tiny_model, tiny_tokenizer, convs, do_sample=True, seed=3)
     assert a.equals(b)
+
+
+def test_a_datasets_column_is_the_same_prompts_as_its_list(
+    tiny_model, tiny_tokenizer, tmp_cache, monkeypatch
+):
+    """Chapter 3 passes ``dataset["prompt"]`` (a lazy column): it must hit the list's entry."""
+    import datasets
+
+    calls = []
+    real = ev.generate_responses
+    monkeypatch.setattr(ev, "generate_responses", lambda *a, **k: calls.append(1) or real(*a, **k))
+    column = datasets.Dataset.from_dict({"prompt": _convs()})["prompt"]
+    first = ev.cached_responses(tiny_model, tiny_tokenizer, column, do_sample=True, seed=3)
+    again = ev.cached_responses(tiny_model, tiny_tokenizer, _convs(), do_sample=True, seed=3)
+    assert len(calls) == 1 and again == first

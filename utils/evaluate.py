@@ -101,6 +101,7 @@ def cached_responses(model, tokenizer, conversations, **settings) -> list:
     from .models import Generation
     from .sampling import SAMPLER_VERSION
 
+    conversations = list(conversations)  # a list, or a dataset's column
     n_params = sum(p.numel() for p in model.parameters())
     if n_params > ANSWERS_CACHE_MAX_PARAMS:
         return generate_responses(model, tokenizer, conversations, **settings)

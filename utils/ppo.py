@@ -25,6 +25,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Variance of ``x`` over the entries where ``mask`` is 1 (population variance, as :func:`whiten`'s)."""
+    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+
+
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """``x`` shifted and scaled to mean 0 and standard deviation 1 over the masked entries; 0 elsewhere."""
     mask = mask.to(x.dtype)
@@ -287,6 +292,12 @@ def train_ppo(
                 "gold": sum(gold_scores(roll)) / len(roll) if gold else float("nan"),
                 "kl": float(((old_logp - ref_logp) * mask).sum(1).mean()),  # k1
                 "entropy": float(masked_mean(entropy, mask)),
+                # the share of the returns' variance the value model predicted
+                "explained_variance": float(
+                    1
+                    - masked_var(returns - old_values, mask)
+                    / masked_var(returns, mask).clamp(min=1e-8)
+                ),
                 "finished": float(roll.finished.float().mean()),
                 "length": float(mask.sum(1).float().mean()),
                 **{k: sum(v) / len(v) for k, v in stats.items()},
