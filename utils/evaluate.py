@@ -174,20 +174,28 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([out, overall]).round(3)
 
 
+def _paired(values_a, values_b) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(values_a, float), np.asarray(values_b, float)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"need two equally long, non-empty score lists; got {a.shape} and {b.shape}")
+    return a, b
+
+
+def _bootstrap_interval(per_prompt: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
+    """A 95% bootstrap interval of the mean of per-prompt values (prompts resampled whole)."""
+    rng = np.random.default_rng(seed)
+    boots = per_prompt[rng.integers(0, len(per_prompt), size=(n_boot, len(per_prompt)))].mean(axis=1)
+    return {"low": float(np.quantile(boots, 0.025)), "high": float(np.quantile(boots, 0.975))}
+
+
 def win_rate(scores_a, scores_b, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
     """How often ``a`` beats ``b`` on the same prompts (ties count one half), with a paired
     bootstrap 95% confidence interval: ``{"win_rate", "low", "high", "ties"}``."""
-    a, b = np.asarray(scores_a, float), np.asarray(scores_b, float)
-    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
-        raise ValueError(f"need two equally long, non-empty score lists; got {a.shape} and {b.shape}")
+    a, b = _paired(scores_a, scores_b)
     wins = (a > b) + 0.5 * (a == b)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), size=(n_boot, len(a)))
-    boots = wins[idx].mean(axis=1)
     return {
         "win_rate": float(wins.mean()),
-        "low": float(np.quantile(boots, 0.025)),
-        "high": float(np.quantile(boots, 0.975)),
+        **_bootstrap_interval(wins, n_boot, seed),
         "ties": float((a == b).mean()),
     }
 
@@ -196,17 +204,8 @@ def mean_difference(values_a, values_b, n_boot: int = 2000, seed: int = 0) -> di
     """The mean of ``a - b`` over the same prompts (scores, or 0/1 flags such as ``rude``), with a
     paired bootstrap 95% confidence interval: ``{"difference", "low", "high"}``. Paired: each prompt's
     two values are resampled together, so what the prompts share cancels."""
-    a, b = np.asarray(values_a, float), np.asarray(values_b, float)
-    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
-        raise ValueError(f"need two equally long, non-empty value lists; got {a.shape} and {b.shape}")
-    diff = a - b
-    rng = np.random.default_rng(seed)
-    boots = diff[rng.integers(0, len(a), size=(n_boot, len(a)))].mean(axis=1)
-    return {
-        "difference": float(diff.mean()),
-        "low": float(np.quantile(boots, 0.025)),
-        "high": float(np.quantile(boots, 0.975)),
-    }
+    a, b = _paired(values_a, values_b)
+    return {"difference": float((a - b).mean()), **_bootstrap_interval(a - b, n_boot, seed)}
 
 
 def best_of_n_kl(n: int) -> float:
