@@ -2,13 +2,13 @@
 claim it states, and write ``benchmarks/claims.json`` and the book page ``book/claims.md``.
 
 A claim in the text (``utils.claims.claim``) is asserted only if it holds in every run here. The
-runs: ``COURSE_SEED`` 0, 1 and 2; seed 0 again with one CPU thread; and seed 0 on other CPU
+runs: ``COURSE_SEED`` 0 to 4; seed 0 again with one CPU thread; and seed 0 on other CPU
 kernels (``MKL_CBWR=COMPATIBLE``, ``ATEN_CPU_CAPABILITY=avx2``: other float reductions, standing in
 for another CPU; one thread alone changed no number of the tiny models on a 2-core machine). Each
 run has its own artifact cache, so it trains every model itself, as a fresh machine would. Outputs
 are not saved: the committed notebooks stay the seed-0 run of ``tools/run_notebooks.py``.
 
-    python tools/claims_sweep.py                              # the five runs, every notebook (~5 course runs)
+    python tools/claims_sweep.py                              # the seven runs, every notebook
     python tools/claims_sweep.py --runs seed1 --notebooks 04_dpo   # re-run part of it
     python tools/claims_sweep.py --report                     # rebuild claims.json and the page
                                                               # from the records
@@ -43,6 +43,8 @@ RUNS = {
     "seed0": {"COURSE_SEED": "0"},
     "seed1": {"COURSE_SEED": "1"},
     "seed2": {"COURSE_SEED": "2"},
+    "seed3": {"COURSE_SEED": "3"},
+    "seed4": {"COURSE_SEED": "4"},
     "seed0-1thread": {"COURSE_SEED": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
     # One thread changed no number of the tiny models here (their matrices are too small to split).
     # What differs between an Intel and an AMD CPU is the kernels: MKL picks its matrix-multiply code
@@ -54,6 +56,8 @@ RUN_TITLES = {
     "seed0": "seed 0",
     "seed1": "seed 1",
     "seed2": "seed 2",
+    "seed3": "seed 3",
+    "seed4": "seed 4",
     "seed0-1thread": "seed 0, 1 thread",
     "seed0-otherkernels": "seed 0, other CPU kernels",
     "gpu": "seed 0, GPU",
@@ -237,8 +241,8 @@ def render_page(data: dict) -> str:
         "Every conclusion a chapter draws from its own training runs is stated through one helper,",
         "`utils.claims.claim`, which names the claim and checks the numbers behind it. A claim stays",
         "in the text as a checked statement only if it held in every run of the **claims sweep**",
-        "(`python tools/claims_sweep.py`): each solution notebook executed with `COURSE_SEED` 0, 1 and",
-        "2; with seed 0 on a single CPU thread; and with seed 0 on other CPU kernels (MKL's",
+        "(`python tools/claims_sweep.py`): each solution notebook executed with `COURSE_SEED` 0, 1, 2, 3",
+        "and 4; with seed 0 on a single CPU thread; and with seed 0 on other CPU kernels (MKL's",
         "`MKL_CBWR=COMPATIBLE` matrix multiply and ATen's AVX2 kernels instead of AVX-512) — another order",
         "of floating-point additions, which is what running on another CPU does to a training run (the",
         "same seeds gave different numbers on an Intel and an AMD CPU). A run on a GPU is added when one",
