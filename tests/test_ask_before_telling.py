@@ -1,0 +1,100 @@
+"""The student notebooks ask; they do not tell. A learner should meet a question about a run before
+any reading of it, so a student notebook's prose holds no result of our run (its numbers live in
+``<!-- BEGIN SOLUTION -->`` blocks, which the generator replaces with "*Your answer here.*") and no
+``claim(...)`` (claim cells are tagged ``solution-only``).
+
+A "result" here is a number with two or more decimals in the markdown that equals, at the precision
+written, a number printed by the solution's cells. Numbers inside math (``$...$``) and inline code,
+library versions ("TRL 1.16") and numbers that are literally in the notebook's code (settings such as
+``beta=0.04``) are not results.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SOLUTIONS = sorted((ROOT / "solutions").glob("*.ipynb"))
+NUMBER = re.compile(r"(?<![\w.])[−-]?\d+\.\d+")
+VERSION = re.compile(
+    r"\b(?:python|torch|transformers|trl|datasets|peft|bitsandbytes|accelerate|version|v)\s+\d+(?:\.\d+)+",
+    re.IGNORECASE,
+)
+
+
+def _numbers(text: str) -> list[str]:
+    return [m.group(0).replace("−", "-") for m in NUMBER.finditer(text)]
+
+
+def _prose(markdown: str) -> str:
+    """Markdown without math, inline code, link targets and library versions."""
+    markdown = re.sub(r"\$\$.*?\$\$", " ", markdown, flags=re.S)
+    markdown = re.sub(r"\$[^$\n]*\$", " ", markdown)
+    markdown = re.sub(r"`[^`]*`", " ", markdown)
+    markdown = re.sub(r"\]\([^)]*\)", "]", markdown)
+    return VERSION.sub(" ", markdown)
+
+
+def _printed(nb: dict) -> list[float]:
+    """Every number the executed cells printed or displayed (as text)."""
+    out = []
+    for cell in nb["cells"]:
+        for o in cell.get("outputs", []) if cell["cell_type"] == "code" else []:
+            text = o.get("text") if o.get("output_type") == "stream" else o.get("data", {}).get("text/plain")
+            out += [float(n) for n in _numbers("".join(text or []))]
+    return out
+
+
+def results_in_prose(markdown_cells: list[str], solution: dict) -> list[tuple[int, str]]:
+    """(cell index, number) for each number in ``markdown_cells`` that reads a result of ``solution``."""
+    printed = _printed(solution)
+    code = "\n".join("".join(c["source"]) for c in solution["cells"] if c["cell_type"] == "code")
+    settings = set(_numbers(code))
+    hits = []
+    for i, markdown in enumerate(markdown_cells):
+        for n in _numbers(_prose(markdown)):
+            decimals = len(n.split(".")[1])
+            if decimals < 2 or n in settings:
+                continue
+            if any(abs(round(x, decimals)) == abs(float(n)) for x in printed):
+                hits.append((i, n))
+    return hits
+
+
+def _markdown(nb: dict) -> list[str]:
+    return ["".join(c["source"]) if c["cell_type"] == "markdown" else "" for c in nb["cells"]]
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
+def test_student_prose_reads_no_result_of_our_run(path):
+    solution = json.loads(path.read_text())
+    student = json.loads((ROOT / "notebooks" / path.name).read_text())
+    hits = results_in_prose(_markdown(student), solution)
+    assert not hits, (
+        f"{path.name}: the student notebook's markdown quotes results of the solution's run "
+        f"(cell, number): {hits}. Put the reading in a <!-- BEGIN SOLUTION --> block and ask a "
+        "question in its place."
+    )
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
+def test_claims_are_solution_only(path):
+    student = json.loads((ROOT / "notebooks" / path.name).read_text())
+    cells = [
+        i
+        for i, c in enumerate(student["cells"])
+        if c["cell_type"] == "code" and "claim(" in "".join(c["source"])
+    ]
+    assert not cells, f"{path.name}: student cells {cells} state claims; tag them solution-only"
+
+
+def test_the_check_finds_the_readings_the_solutions_hold():
+    """It can fail: the solutions' own markdown (readings included) quotes their results."""
+    chapter = json.loads((ROOT / "solutions" / "03_rlhf.ipynb").read_text())
+    assert len(results_in_prose(_markdown(chapter), chapter)) >= 10
+    planted = ["In this run PPO won 0.612 of the prompts; log 2 is $0.693$; TRL 1.16 has no PPO."]
+    assert results_in_prose(planted, chapter) == [(0, "0.612")]
