@@ -53,6 +53,11 @@ def kl_estimates(logp: torch.Tensor, ref_logp: torch.Tensor) -> dict[str, torch.
     return {"k1": -log_r, "k2": 0.5 * log_r**2, "k3": torch.expm1(log_r) - log_r}
 
 
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Chapter 7's exercise: the per-token k3 estimate of KL(pi || pi_ref) (:func:`kl_estimates`)."""
+    return kl_estimates(logprobs, ref_logprobs)["k3"]
+
+
 def grpo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,

@@ -56,6 +56,11 @@ def count_parameters(model, trainable_only: bool = False) -> int:
     return total
 
 
+def count_trainable(model) -> int:
+    """Chapter 2's exercise: the number of parameters with ``requires_grad``, tied ones once."""
+    return count_parameters(model, trainable_only=True)
+
+
 @contextlib.contextmanager
 def left_padding(tokenizer):
     side = tokenizer.padding_side

@@ -71,6 +71,19 @@ def _probs(logits, temperature, top_k):
     return F.softmax(logits, dim=-1)
 
 
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Chapter 1's exercise: one token id per row of ``logits [batch, vocab]`` - greedy at
+    ``temperature`` 0, else a draw from :func:`_probs`' temperature-scaled, top-k-filtered softmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(_probs(logits, temperature, top_k), 1, generator=generator).squeeze(-1)
+
+
 # Bump when the course would draw other tokens for the same seed (the sampler, or how generate_texts
 # splits prompts into random streams): cached answers and the preference pairs' recipe are keyed by it.
 # 1: this sampler; 2: 256 prompts per stream (was 128).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .core import CheckError, call_learner, expect_tensor, passed
+from .core import CheckError, call_learner, continues_with, expect_tensor, passed
 
 
 # --- the next-token loss ------------------------------------------------------------------
@@ -65,6 +65,7 @@ def _loss_mistakes(logits, ids):
     )
 
 
+@continues_with("from utils.pretrain import next_token_loss")
 def check_next_token_loss(fn) -> None:
     """``fn(logits[batch, seq, vocab], input_ids[batch, seq]) -> scalar`` vs transformers' causal-LM loss."""
     name = getattr(fn, "__name__", "next_token_loss")
@@ -102,6 +103,7 @@ def check_next_token_loss(fn) -> None:
 
 
 # --- sampling the next token --------------------------------------------------------------
+@continues_with("from utils.sampling import sample_next_token")
 def check_sample_next_token(fn) -> None:
     """``fn(logits[batch, vocab], temperature, top_k, generator) -> LongTensor[batch]``.
 

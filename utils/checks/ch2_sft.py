@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .ch1_pretraining import _library_next_token_loss, _loss_mistakes
-from .core import CheckError, call_learner, expect_tensor, passed
+from .core import CheckError, call_learner, continues_with, expect_tensor, passed
 
 
 def _as_list(value, name: str) -> list[int]:
@@ -17,6 +17,7 @@ def _as_list(value, name: str) -> list[int]:
     return [int(v) for v in value]
 
 
+@continues_with("from utils.sft import build_labels")
 def check_build_labels(fn) -> None:
     """``fn(input_ids: list[int], assistant_mask: list[int]) -> list[int]`` (not shifted, -100 elsewhere)."""
     name = getattr(fn, "__name__", "build_labels")
@@ -65,6 +66,7 @@ def check_build_labels(fn) -> None:
     )
 
 
+@continues_with("from utils.sft import collate")
 def check_collate(fn, pad_id: int = 0) -> None:
     """``fn(examples: list[{"input_ids", "labels"}], pad_id)
     -> {"input_ids", "labels", "attention_mask"}``."""
@@ -126,6 +128,7 @@ def _sft_loss_cases():
     return cases
 
 
+@continues_with("from utils.sft import sft_loss")
 def check_sft_loss(fn) -> None:
     """``fn(logits[batch, seq, vocab], labels[batch, seq]) -> scalar``: the token-level mean over all
     labelled response tokens of the batch (what ``transformers``/TRL compute)."""
@@ -175,6 +178,7 @@ def check_sft_loss(fn) -> None:
     )
 
 
+@continues_with("from utils.models import count_trainable")
 def check_count_trainable(fn) -> None:
     """``fn(model) -> int``: parameters with ``requires_grad``, each tensor counted once."""
     name = getattr(fn, "__name__", "count_trainable")

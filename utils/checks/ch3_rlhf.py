@@ -12,12 +12,14 @@ from .core import (
     _scalar,
     call_learner,
     compare_with_trl_trainer,
+    continues_with,
     expect_tensor,
     passed,
 )
 
 
 # --- the reward model ---------------------------------------------------------------------
+@continues_with("from utils.reward import bradley_terry_loss")
 def check_bradley_terry_loss(fn, reward_model=None, tokenizer=None, pairs=None) -> None:
     """``fn(rewards_chosen[batch], rewards_rejected[batch]) -> scalar``: the mean of
     ``-log sigmoid(r_chosen - r_rejected)``; given a reward model and pairs, also compared with
@@ -107,6 +109,7 @@ def _rollout_cases():
     return out
 
 
+@continues_with("from utils.ppo import per_token_rewards")
 def check_per_token_rewards(fn) -> None:
     """``fn(scores[B], logprobs[B,T], ref_logprobs[B,T], mask[B,T], kl_coef) -> [B,T]``."""
     from ..ppo import per_token_rewards as reference
@@ -159,6 +162,7 @@ def check_per_token_rewards(fn) -> None:
     )
 
 
+@continues_with("from utils.ppo import gae")
 def check_gae(fn) -> None:
     """``fn(rewards[B,T], values[B,T], mask[B,T], gamma, lam) -> (advantages[B,T], returns[B,T])``."""
     from ..ppo import gae as reference
@@ -237,6 +241,7 @@ def _ratio_cases():
     return old, old + shift, adv, mask
 
 
+@continues_with("from utils.ppo import ppo_policy_loss")
 def check_ppo_policy_loss(fn) -> None:
     """``fn(logprobs[B,T], old_logprobs[B,T], advantages[B,T], mask[B,T], clip) -> scalar``."""
     from ..ppo import masked_mean
@@ -292,6 +297,7 @@ def check_ppo_policy_loss(fn) -> None:
     passed(f"`{name}`: ratio 1 at the rollout, clipped both ways, pessimistic max, masked mean (4 cases)")
 
 
+@continues_with("from utils.ppo import ppo_value_loss")
 def check_ppo_value_loss(fn) -> None:
     """``fn(values[B,T], old_values[B,T], returns[B,T], mask[B,T], clip) -> scalar``."""
     from ..ppo import masked_mean

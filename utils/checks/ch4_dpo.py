@@ -12,6 +12,7 @@ from .core import (
     _scalar,
     call_learner,
     compare_with_trl_trainer,
+    continues_with,
     expect_tensor,
     passed,
 )
@@ -32,6 +33,7 @@ def _logprob_cases():
     return cases
 
 
+@continues_with("from utils.logprobs import sequence_logprobs")
 def check_sequence_logprobs(fn) -> None:
     """``fn(logits[batch, seq, vocab], labels[batch, seq]) -> [batch]``: the summed log-probability
     of each row's labelled (non -100) tokens, logits at t predicting labels at t+1."""
@@ -70,6 +72,7 @@ def check_sequence_logprobs(fn) -> None:
     passed(f"`{name}`: summed, shifted, prompt-masked log-probabilities on 3 batches")
 
 
+@continues_with("from utils.dpo import dpo_loss")
 def check_dpo_loss(fn, policy=None, reference=None, tokenizer=None, pairs=None, beta: float = 0.1) -> None:
     """``fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta) -> scalar`` (mean over the batch).
 

@@ -13,11 +13,13 @@ from .core import (
     _scalar,
     call_learner,
     compare_with_trl_trainer,
+    continues_with,
     expect_tensor,
     passed,
 )
 
 
+@continues_with("from utils.logprobs import average_logprobs")
 def check_average_logprobs(fn) -> None:
     """``fn(logits[batch, seq, vocab], labels[batch, seq]) -> [batch]``: the *mean* log-probability
     of each row's labelled tokens (ORPO's length-normalised likelihood)."""
@@ -42,6 +44,7 @@ def check_average_logprobs(fn) -> None:
     passed(f"`{name}`: mean over labelled tokens, shifted, on 3 batches")
 
 
+@continues_with("from utils.orpo import log_odds")
 def check_log_odds(fn) -> None:
     """``fn(avg_logp[batch]) -> [batch]``: ``log(p / (1 - p))`` with ``log p = avg_logp``."""
     from ..orpo import log_odds as reference
@@ -67,6 +70,7 @@ def check_log_odds(fn) -> None:
     passed(f"`{name}`: log(p / (1 - p)), finite from p = exp(-30) to p = 1 - 1e-8")
 
 
+@continues_with("from utils.orpo import orpo_loss")
 def check_orpo_loss(fn, model=None, tokenizer=None, pairs=None, lam: float = 0.1) -> None:
     """``fn(nll_chosen, chosen_avg_logp, rejected_avg_logp, lam) -> scalar`` (optionally a tuple whose
     first element is the loss), checked on hand-made values and, given a model and pairs, against

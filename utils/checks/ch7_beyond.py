@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import CheckError, _loss_verdict, _scalar, call_learner, expect_tensor, passed
+from .core import CheckError, _loss_verdict, _scalar, call_learner, continues_with, expect_tensor, passed
 
 EPS = 1e-4  # added to the group's standard deviation, as TRL does
 
@@ -51,6 +51,7 @@ def _advantage_mistakes(r: torch.Tensor, g: int, scale: bool):
     )
 
 
+@continues_with("from utils.grpo import group_advantages")
 def check_group_advantages(fn) -> None:
     """``fn(rewards[B], group_size, scale=True) -> [B]``: reward minus its group's mean, divided (with
     ``scale``) by the group's sample standard deviation + 1e-4; groups are consecutive."""
@@ -80,6 +81,7 @@ def check_group_advantages(fn) -> None:
 
 
 # --- the k3 estimator ------------------------------------------------------------------------
+@continues_with("from utils.grpo import kl_k3")
 def check_kl_k3(fn) -> None:
     """``fn(logprobs, ref_logprobs) -> same shape``: ``exp(ref - logp) - (ref - logp) - 1`` per token."""
     name = getattr(fn, "__name__", "kl_k3")
@@ -144,6 +146,7 @@ def _grpo_reference(
     return ((per_token * mask).sum(1) / mask.sum(1)).mean()
 
 
+@continues_with("from utils.grpo import grpo_loss")
 def check_grpo_loss(
     fn, policy=None, tokenizer=None, conversations=None, beta: float = 0.04, group_size: int = 4
 ) -> None:
@@ -306,6 +309,7 @@ def verifier_cases(n_per_style: int = 40, seed: int = 0) -> list[tuple[list[dict
     return cases
 
 
+@continues_with("from utils.grpo import verify")
 def check_verifier(fn) -> None:
     """``fn(conversation, response, finished) -> 1.0 or 0.0``: right and finished, refusing exactly the
     harmful requests; politeness and length are not the verifier's business."""

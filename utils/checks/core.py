@@ -3,6 +3,7 @@ compares a loss with a TRL trainer's on a real batch."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -72,6 +73,29 @@ def _loss_verdict(
         (h for value, h in mistakes() if torch.allclose(got.detach(), value, atol=1e-5)), default_hint
     )
     raise CheckError(f"`{name}` gave {got.item():.5f} {where} {want.item():.5f}: {hint}")
+
+
+def continues_with(line: str):
+    """Give a checker the one line that lets a stuck learner go on with the course's own
+    implementation: when the check fails, its message ends with ``line``, so a wrong exercise need
+    not make every later cell fail (or, worse, train on a wrong loss). The line is also the
+    checker's ``continuation`` attribute; a test runs every checker on what its line imports."""
+
+    def wrap(check):
+        @functools.wraps(check)
+        def checked(*args, **kwargs):
+            try:
+                return check(*args, **kwargs)
+            except CheckError as error:
+                raise CheckError(
+                    f"{error}\n\nStuck? This line goes on with the course's own implementation "
+                    f"(come back to yours later):\n    {line}"
+                ) from None
+
+        checked.continuation = line
+        return checked
+
+    return wrap
 
 
 def passed(message: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .core import CheckError, call_learner, expect_tensor, passed
+from .core import CheckError, call_learner, continues_with, expect_tensor, passed
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -224,6 +224,7 @@ def check_policy_run(
     return policy
 
 
+@continues_with("from utils.ppo import rlhf_advantages")
 def check_rlhf_advantages(fn) -> None:
     """``fn(scores[B], logprobs[B,T], ref_logprobs[B,T], values[B,T], mask[B,T], kl_coef, gamma, lam,
     whiten_advantages) -> (advantages[B,T], returns[B,T])``: the learner's block between a scored
