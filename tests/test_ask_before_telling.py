@@ -4,7 +4,8 @@ any reading of it, so a student notebook's prose holds no result of our run (its
 ``claim(...)`` (claim cells are tagged ``solution-only``).
 
 A "result" here is a number with two or more decimals in the markdown that equals, at the precision
-written, a number printed by the solution's cells. Numbers inside math (``$...$``) and inline code,
+written, a number printed by the solution's cells, or a percentage with a decimal ("85.9%") that
+equals a printed percentage or a printed fraction times 100. Numbers inside math (``$...$``) and inline code,
 library versions ("TRL 1.16") and numbers that are literally in the notebook's code (settings such as
 ``beta=0.04``) are not results.
 """
@@ -20,6 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTIONS = sorted((ROOT / "solutions").glob("*.ipynb"))
 NUMBER = re.compile(r"(?<![\w.])[−-]?\d+\.\d+")
+PERCENT = re.compile(r"(?<![\w.])(\d+\.\d+)\s?%")
 VERSION = re.compile(
     r"\b(?:python|torch|transformers|trl|datasets|peft|bitsandbytes|accelerate|version|v)\s+\d+(?:\.\d+)+",
     re.IGNORECASE,
@@ -56,7 +58,12 @@ def results_in_prose(markdown_cells: list[str], solution: dict) -> list[tuple[in
     settings = set(_numbers(code))
     hits = []
     for i, markdown in enumerate(markdown_cells):
-        for n in _numbers(_prose(markdown)):
+        prose = _prose(markdown)
+        for p in PERCENT.findall(prose):
+            decimals = len(p.split(".")[1])
+            if any(round(100 * x, decimals) == float(p) or round(x, decimals) == float(p) for x in printed):
+                hits.append((i, p + "%"))
+        for n in _numbers(PERCENT.sub(" ", prose)):
             decimals = len(n.split(".")[1])
             if decimals < 2 or n in settings:
                 continue
@@ -96,5 +103,8 @@ def test_the_check_finds_the_readings_the_solutions_hold():
     """It can fail: the solutions' own markdown (readings included) quotes their results."""
     chapter = json.loads((ROOT / "solutions" / "03_rlhf.ipynb").read_text())
     assert len(results_in_prose(_markdown(chapter), chapter)) >= 10
-    planted = ["In this run PPO won 0.612 of the prompts; log 2 is $0.693$; TRL 1.16 has no PPO."]
-    assert results_in_prose(planted, chapter) == [(0, "0.612")]
+    planted = [
+        "In this run PPO won 0.612 of the prompts; log 2 is $0.693$; TRL 1.16 has no PPO.",
+        "The annotators agree with gold on 85.9% of the held-out pairs.",
+    ]
+    assert results_in_prose(planted, chapter) == [(0, "0.612"), (1, "85.9%")]
