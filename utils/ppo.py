@@ -33,9 +33,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """``x`` shifted and scaled to mean 0 and standard deviation 1 over the masked entries; 0 elsewhere."""
     mask = mask.to(x.dtype)
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
+    return (x - masked_mean(x, mask)) * torch.rsqrt(masked_var(x, mask) + eps) * mask
 
 
 def per_token_rewards(
