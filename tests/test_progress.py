@@ -36,3 +36,36 @@ def test_trainer_bar_replaces_the_printed_logs(tiny_model, tiny_tokenizer, tmp_p
     assert "{'loss'" not in printed and "'train_runtime'" not in printed, printed
     assert "tiny run" in printed and "4/4" in printed and "loss=" in printed, printed
     assert sum("loss" in h for h in trainer.state.log_history) >= 4, "the logs must still be kept"
+
+
+def test_trl_logprob_tiles_fit_the_vocabulary_and_change_no_number(tiny_model, monkeypatch):
+    """TRL's fused LM head allocates tiles 32,768 wide on every call; `fit_trl_logprob_tiles` sizes them
+    to the vocabulary. The log-probabilities and their gradient must be bit for bit the same."""
+    import torch
+    import trl.trainer.utils as trl_utils
+    from trl.trainer.utils import add_fused_lm_head
+
+    from utils.config import TRL_LOGPROB_TILE, fit_trl_logprob_tiles
+
+    monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", TRL_LOGPROB_TILE)
+    vocab = tiny_model.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (3, 9), generator=torch.Generator().manual_seed(0))
+
+    def logprobs_and_grad():
+        model = copy.deepcopy(tiny_model)
+        add_fused_lm_head(model, outputs=("log_probs",))
+        out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+        out.loss.backward()
+        return out.log_probs.detach(), model.get_output_embeddings().weight.grad.clone()
+
+    before = logprobs_and_grad()
+    assert fit_trl_logprob_tiles(tiny_model) == vocab < TRL_LOGPROB_TILE
+    assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == vocab
+    after = logprobs_and_grad()
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+
+    class Wide:  # a real model's vocabulary, wider than TRL's tile: TRL's width stays
+        def get_output_embeddings(self):
+            return torch.nn.Linear(4, 50_000, bias=False)
+
+    assert fit_trl_logprob_tiles(Wide()) == TRL_LOGPROB_TILE == trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE

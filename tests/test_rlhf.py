@@ -1,6 +1,7 @@
 """The reference reward model (utils.reward) and PPO (utils.ppo): Bradley-Terry loss, scalar head,
 and that it learns the annotators' preferences from the course's preference pairs."""
 
+import copy
 import math
 
 import pytest
@@ -40,6 +41,25 @@ def test_reward_model_has_a_scalar_head_on_the_same_backbone(tiny_model, tiny_to
         torch.equal(emb, tiny_model.get_input_embeddings().weight)
         and emb.data_ptr() != tiny_model.get_input_embeddings().weight.data_ptr()
     )
+
+
+def test_reward_inputs_are_the_tokenizers_right_padded_batch(tiny_tokenizer):
+    """`_encode` tokenises each conversation once (a memo) and pads by hand: the result must be what
+    the tokenizer's own right-padded batch gives, twice in a row (the second from the memo)."""
+    from utils.reward import _encode
+
+    convs = [
+        [{"role": "user", "content": "What colour is Alba?"}, {"role": "assistant", "content": a}]
+        for a in ["Alba is blue.", "blue.", "", "Alba is blue, and Alba eats apples every day."]
+    ]
+    texts = [tiny_tokenizer.apply_chat_template(c, tokenize=False) for c in convs]
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.padding_side = "right"
+    want = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    for _ in range(2):
+        got = _encode(tiny_tokenizer, convs, "cpu")
+        assert set(got) == {"input_ids", "attention_mask"}
+        assert all(torch.equal(got[k], want[k]) for k in got)
 
 
 @pytest.mark.slow

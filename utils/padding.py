@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
 # A group costs its rows times its longest row, plus about this many positions of fixed overhead per
@@ -35,21 +36,25 @@ def length_groups(lengths, max_groups: int | None = None, overhead: int | None =
     n = len(sl)
     if n == 0:
         return []
-    # best[g][j]: the cheapest cut of the first j sorted rows into g runs (run i..j-1 costs (j-i) * sl[j-1])
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
-    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
-    best[0][0] = 0.0
+    # best[g][j]: the cheapest cut of the first j sorted rows into g runs (run i..j-1 costs (j-i) * sl[j-1]),
+    # one row of the table at a time over every (i, j) at once; argmin takes the first (smallest) i
+    # among equal costs. The costs are integers, exact in float64.
+    sl = np.asarray(sl, dtype=np.float64)
+    i = np.arange(n + 1)[:, None]
+    j = np.arange(n + 1)[None, :]
+    run = np.where(i < j, (j - i) * sl[np.maximum(j - 1, 0)] + overhead, np.inf)  # run[i, j]
+    best = np.full((max_groups + 1, n + 1), np.inf)
+    cut = np.zeros((max_groups + 1, n + 1), dtype=np.int64)
+    best[0, 0] = 0.0
     for g in range(1, max_groups + 1):
-        for j in range(1, n + 1):
-            for i in range(g - 1, j):
-                c = best[g - 1][i] + (j - i) * sl[j - 1] + overhead
-                if c < best[g][j]:
-                    best[g][j], cut[g][j] = c, i
+        total = best[g - 1][:, None] + run  # total[i, j]: g - 1 runs up to i, then one run i..j-1
+        total[: g - 1] = np.inf  # g - 1 runs need at least g - 1 rows
+        cut[g] = total.argmin(0)
+        best[g] = total[cut[g], np.arange(n + 1)]
     g = min(range(1, max_groups + 1), key=lambda k: best[k][n])
     bounds, j = [n], n
     for k in range(g, 0, -1):
-        j = cut[k][j]
+        j = int(cut[k][j])
         bounds.append(j)
     bounds.reverse()
     return [order[a:b] for a, b in zip(bounds, bounds[1:])]

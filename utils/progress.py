@@ -50,7 +50,9 @@ def trainer_bar(trainer, desc: str | None = None):
     printing a dict of metrics at every logging step (dozens of lines in an executed notebook).
 
     The bar's postfix is the last logged training loss. The logs themselves are untouched: read
-    them from ``trainer.state.log_history``. Returns the trainer.
+    them from ``trainer.state.log_history``. It also sizes TRL's fused log-probability tiles to the
+    trainer's vocabulary (:func:`utils.config.fit_trl_logprob_tiles`: the same numbers, without
+    allocating tiles 40 times wider than the tiny vocabulary). Returns the trainer.
     """
     from transformers import PrinterCallback, ProgressCallback, TrainerCallback
     from transformers.utils.notebook import NotebookProgressCallback
@@ -74,6 +76,10 @@ def trainer_bar(trainer, desc: str | None = None):
                 self.bar.close()
                 self.bar = None
 
+    if type(trainer).__module__.startswith("trl."):
+        from .config import fit_trl_logprob_tiles
+
+        fit_trl_logprob_tiles(trainer.model)
     for printer in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
         trainer.remove_callback(printer)
     trainer.add_callback(_TrainerBar())

@@ -40,17 +40,22 @@ def reward_model_from(model, tokenizer):
 
 
 def _encode(tokenizer, conversations, device):
-    texts = [
-        memo_render(tokenizer, "text", c, lambda c=c: tokenizer.apply_chat_template(c, tokenize=False))
-        for c in conversations
-    ]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"  # the head reads the last non-padding token
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
-    return {k: v.to(device) for k, v in enc.items()}
+    """The conversations' token ids, right-padded (the head reads the last non-padding token). Each
+    conversation is rendered and tokenised once per tokenizer (a memo): training scores the same
+    answers in several comparisons, and held-out pairs at every evaluation."""
+
+    def ids(c):
+        text = tokenizer.apply_chat_template(c, tokenize=False)
+        return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    rows = [memo_render(tokenizer, "reward-ids", c, lambda c=c: ids(c)) for c in conversations]
+    width = max((len(r) for r in rows), default=0)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, r in enumerate(rows):
+        input_ids[k, : len(r)] = torch.tensor(r, dtype=torch.long)
+        attention_mask[k, : len(r)] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
 
 def reward_scores(

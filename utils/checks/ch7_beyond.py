@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import fit_trl_logprob_tiles
 from .core import CheckError, _loss_verdict, _scalar, call_learner, continues_with, expect_tensor, passed
 
 EPS = 1e-4  # added to the group's standard deviation, as TRL does
@@ -246,6 +247,7 @@ def _compare_with_grpo_trainer(fn, name, policy, tokenizer, conversations, beta,
         processing_class=tokenizer,
     )
     trainer.beta = beta
+    fit_trl_logprob_tiles(trainer.model)
     g = torch.Generator().manual_seed(11)
     mask = roll.response_mask
     with torch.no_grad():

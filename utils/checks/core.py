@@ -155,6 +155,10 @@ def compare_with_trl_trainer(
         train_dataset=data,
         processing_class=tokenizer,
     )
+    if type(trainer).__module__.startswith("trl."):
+        from ..config import fit_trl_logprob_tiles
+
+        fit_trl_logprob_tiles(trainer.model)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(data))])
     batch = {k: v.to(trainer.model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     n = len(data)
