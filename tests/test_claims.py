@@ -19,7 +19,9 @@ def _raising(monkeypatch):
 
 
 def test_a_claim_that_holds_returns_true():
-    assert claim("two is less than three", (2, "<", 3), (torch.tensor(5.0), ">=", np.float64(5.0))) is True
+    assert (
+        bool(claim("two is less than three", (2, "<", 3), (torch.tensor(5.0), ">=", np.float64(5.0)))) is True
+    )
 
 
 def test_a_failing_claim_names_itself_and_shows_its_values():
@@ -56,8 +58,8 @@ def test_record_mode_writes_each_claim_and_goes_on(tmp_path, monkeypatch):
     monkeypatch.setenv("COURSE_CLAIMS_RECORD", str(record))
     monkeypatch.setenv("COURSE_NOTEBOOK", "04_dpo")
     monkeypatch.setenv("COURSE_SEED", "2")
-    assert claim("holds", (0.1, "<", 0.3), (5, ">", 1)) is True
-    assert claim("fails", (0.4, "<", 0.3)) is False  # recorded, not raised
+    assert bool(claim("holds", (0.1, "<", 0.3), (5, ">", 1))) is True
+    assert bool(claim("fails", (0.4, "<", 0.3))) is False  # recorded, not raised
     rows = [json.loads(line) for line in record.read_text().splitlines()]
     assert [(r["claim"], r["held"], r["notebook"], r["seed"]) for r in rows] == [
         ("holds", True, "04_dpo", 2),
@@ -131,3 +133,22 @@ def test_the_book_page_is_the_record():
     assert PAGE.read_text() == render_page(json.loads(CLAIMS_JSON.read_text())), (
         "book/claims.md is stale: python tools/claims_sweep.py --report"
     )
+
+
+def test_a_claim_is_not_echoed_as_a_cells_last_value(monkeypatch):
+    """In a notebook a claim that ends a cell used to print `True` under it; its verdict tests like
+    a bool but IPython displays nothing for it."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    monkeypatch.delenv("COURSE_CLAIMS_RECORD", raising=False)
+    shell = InteractiveShell.instance()
+    with capture_output() as claimed:
+        shell.run_cell("from utils.claims import claim\nclaim('two is less than three', (2, '<', 3))")
+    with capture_output() as control:  # a plain value is echoed
+        shell.run_cell("1 + 1")
+    assert "2" in control.stdout + str([o.data for o in control.outputs])
+    shown = claimed.stdout + str([o.data for o in claimed.outputs])
+    assert "True" not in shown, shown
+    held = claim("two is less than three", (2, "<", 3))
+    assert held and held == True and repr(held) == "True" and not (held == False)  # noqa: E712

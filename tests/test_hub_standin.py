@@ -188,7 +188,7 @@ def test_claims_are_said_not_raised_off_the_full_tiny_profile(monkeypatch, capsy
     with pytest.raises(ClaimFailed):
         claim("one is more than two", (1, ">", 2))
     monkeypatch.setenv(config.PROFILE_ENV, "hub")
-    assert claim("one is more than two", (1, ">", 2)) is False
+    assert bool(claim("one is more than two", (1, ">", 2))) is False
     assert "does not hold here; claimed for the full tiny profile" in capsys.readouterr().out
 
 

@@ -92,12 +92,38 @@ def _run() -> dict:
     }
 
 
-def claim(sentence: str, *comparisons, values: dict | None = None) -> bool:
+class Verdict:
+    """What :func:`claim` returns: true when the claim held. It tests and compares like that bool
+    (``if claim(...)``, ``claim(...) == True``), and shows nothing as a cell's last value, where a
+    bool would print ``True`` under every claim in the book."""
+
+    __slots__ = ("held",)
+
+    def __init__(self, held: bool):
+        self.held = bool(held)
+
+    def __bool__(self) -> bool:
+        return self.held
+
+    def __eq__(self, other) -> bool:
+        return self.held == bool(other) if isinstance(other, (bool, Verdict)) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.held)
+
+    def __repr__(self) -> str:
+        return repr(self.held)
+
+    def _ipython_display_(self) -> None:  # IPython displays nothing for it
+        pass
+
+
+def claim(sentence: str, *comparisons, values: dict | None = None) -> Verdict:
     """State a conclusion: raise :class:`ClaimFailed` (or record it) unless every comparison holds.
 
     ``sentence`` says what the text claims, in the text's words; ``comparisons`` are
     ``(left, op, right)`` triples or booleans; ``values`` are extra measured numbers to show.
-    Returns whether it held.
+    Returns whether it held (a :class:`Verdict`: a bool that a notebook does not echo).
     """
     if not comparisons:
         raise TypeError("a claim needs at least one comparison")
@@ -118,12 +144,12 @@ def claim(sentence: str, *comparisons, values: dict | None = None) -> bool:
         }
         with open(record_to, "a") as f:
             f.write(json.dumps(row) + "\n")
-        return held
+        return Verdict(held)
     from .config import get_profile
 
     if not get_profile().checks_claims:  # measured on the full tiny profile: elsewhere, say, not raise
         print(f"[{'holds' if held else 'does not hold'} here; claimed for the full tiny profile] {sentence}")
-        return held
+        return Verdict(held)
     if not held:
         failed = "; ".join(f"{c['text']} is false" for c in checks if not c["holds"])
         extra = ", ".join(f"{k} = {v:.4g}" for k, v in shown.items())
@@ -132,4 +158,4 @@ def claim(sentence: str, *comparisons, values: dict | None = None) -> bool:
             + (f" ({extra})" if extra else "")
             + ". The sweep (tools/claims_sweep.py) shows how this claim fared in other runs."
         )
-    return held
+    return Verdict(held)
