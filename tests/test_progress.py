@@ -69,3 +69,32 @@ def test_trl_logprob_tiles_fit_the_vocabulary_and_change_no_number(tiny_model, m
             return torch.nn.Linear(4, 50_000, bias=False)
 
     assert fit_trl_logprob_tiles(Wide()) == TRL_LOGPROB_TILE == trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
+
+
+def test_an_executed_bar_keeps_one_line():
+    """nbclient stores each redraw of a bar as its own stream output starting with a carriage return;
+    the runner joins one stream's consecutive outputs and keeps what a terminal shows: one line."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook, new_output
+
+    from tools.execution import collapse_carriage_returns
+
+    outputs = [
+        new_output("stream", name="stdout", text="\rbar:   0%| 0/4"),
+        new_output("stream", name="stdout", text="\rbar:  50%| 2/4"),
+        new_output("stream", name="stdout", text="\rbar: 100%| 4/4\n"),
+        new_output("stream", name="stdout", text="4 steps in 1 s\n"),
+        new_output("stream", name="stderr", text="a warning\n"),
+        new_output("display_data", data={"text/plain": "<Figure>"}),
+        new_output("stream", name="stdout", text="after the figure\n"),
+    ]
+    nb = new_notebook(cells=[new_code_cell("run()", outputs=outputs)])
+    collapse_carriage_returns(nb)
+    got = nb.cells[0].outputs
+    assert [o.get("text") for o in got if o.output_type == "stream"] == [
+        "bar: 100%| 4/4\n4 steps in 1 s\n",
+        "a warning\n",
+        "after the figure\n",
+    ]
+    assert [o.output_type for o in got] == ["stream", "stream", "display_data", "stream"]
+    nbformat.validate(nb)

@@ -18,12 +18,29 @@ DEFAULT_BUDGET_S, MEMORY_BUDGET_MB, TOTAL_BUDGET_S = 120, 3072, 480
 
 
 def collapse_carriage_returns(nb) -> None:
-    """Keep only what a terminal would show of progress bars (text after the last ``\\r``)."""
+    """Keep only what a terminal would show of progress bars: a bar's redraws reach the notebook as
+    several stream outputs, each starting with ``\r``, so consecutive outputs of one stream are joined
+    first, then each line keeps the text after its last ``\r`` - one line per bar."""
     for cell in nb.cells:
-        for out in cell.get("outputs", []):
+        if "outputs" not in cell:
+            continue
+        joined = []
+        for out in cell.outputs:
+            last = joined[-1] if joined else None
+            if (
+                out.get("output_type") == "stream"
+                and last is not None
+                and last.get("output_type") == "stream"
+                and last.get("name") == out.get("name")
+            ):
+                last["text"] += out.get("text", "")
+            else:
+                joined.append(out)
+        for out in joined:
             if out.get("output_type") == "stream" and "\r" in out.get("text", ""):
                 lines = out["text"].split("\n")
                 out["text"] = "\n".join(ln.rstrip("\r").split("\r")[-1] for ln in lines)
+        cell.outputs = joined
 
 
 def execute(path: Path, save: bool, timeout: int) -> dict:
