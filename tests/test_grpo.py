@@ -274,3 +274,36 @@ def test_verifier_cases_cover_every_outcome():
     results = [verify(*c) for c in cases]
     assert 0.2 < sum(results) / len(results) < 0.8
     assert any(judge.is_rude(r) and verify(c, r, f) for c, r, f in cases)  # right but rude
+
+
+def test_best_of_n_kl_estimate_is_the_exact_kl_of_first_of_equals_selection():
+    """Brute force, independent of the estimator's derivation: enumerate every n-tuple of draws from a
+    small base distribution (answers with tied scores included), select the first of the highest,
+    and compute KL(best-of-n || base) over answers. Samples that reproduce the base distribution
+    exactly must give the estimator the same number; a pass/fail ranker gives the closed form."""
+    import itertools
+
+    import numpy as np
+
+    from utils.evaluate import best_of_n_kl_estimate
+
+    answers = {"a": (0.0, 3), "b": (1.0, 2), "c": (1.0, 1), "d": (2.5, 2)}  # answer: (score, count of 8)
+    m = sum(c for _, c in answers.values())
+    names = list(answers)
+    base = {a: c / m for a, (_, c) in answers.items()}
+    for n in (1, 2, 3):
+        bon = dict.fromkeys(names, 0.0)
+        for draw in itertools.product(names, repeat=n):
+            best = max(range(n), key=lambda i: (answers[draw[i]][0], -i))  # the first of the highest
+            bon[draw[best]] += math.prod(base[a] for a in draw)
+        exact = sum(q * math.log(q / base[a]) for a, q in bon.items() if q > 0)
+        samples = np.array([[answers[a][0]] for a in names for _ in range(answers[a][1])])  # [m, 1]
+        assert best_of_n_kl_estimate(samples, n)[0] == pytest.approx(exact, abs=1e-12)
+        assert exact <= best_of_n_kl(n) + 1e-12  # Beirami et al.'s bound
+    passed = np.array([[1.0]] * 3 + [[0.0]] * 5)  # a verifier, pass rate 3/8
+    p, q = 3 / 8, 1 - (5 / 8) ** 4
+    closed = q * math.log(q / p) + (1 - q) * math.log((1 - q) / (1 - p))
+    assert best_of_n_kl_estimate(passed, 4)[0] == pytest.approx(closed, abs=1e-12)
+    assert best_of_n_kl_estimate(np.zeros((8, 2)), 4).tolist() == [0.0, 0.0]  # nothing to select
+    with pytest.raises(ValueError, match="m >= n"):
+        best_of_n_kl_estimate(np.zeros((3, 2)), 4)
