@@ -28,6 +28,9 @@ VERSION = re.compile(
 )
 
 
+PROGRESS_BAR = re.compile(r"\|\s*\d+/\d+ \[")  # tqdm: "...| 41/100 [00:05<00:07, 8.13it/s, loss=0.805]"
+
+
 def _numbers(text: str) -> list[str]:
     return [m.group(0).replace("−", "-") for m in NUMBER.finditer(text)]
 
@@ -42,12 +45,14 @@ def _prose(markdown: str) -> str:
 
 
 def _printed(nb: dict) -> list[float]:
-    """Every number the executed cells printed or displayed (as text)."""
+    """Every number the executed cells printed or displayed (as text), progress bars aside: their
+    redraws (a running loss, a rate) change from run to run and would match prose by chance."""
     out = []
     for cell in nb["cells"]:
         for o in cell.get("outputs", []) if cell["cell_type"] == "code" else []:
             text = o.get("text") if o.get("output_type") == "stream" else o.get("data", {}).get("text/plain")
-            out += [float(n) for n in _numbers("".join(text or []))]
+            lines = "".join(text or []).replace("\r", "\n").splitlines()
+            out += [float(n) for ln in lines if not PROGRESS_BAR.search(ln) for n in _numbers(ln)]
     return out
 
 
