@@ -272,7 +272,14 @@ def _block(rewards_fn=None, whiten_mode="right", returns_mode="right", lam_used=
         if whiten_mode == "never":
             do = False
         if do:
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8) if whiten_mode == "padding" else whiten(adv, mask)
+            if whiten_mode == "padding":
+                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+            elif whiten_mode == "bessel":  # torch.std's default: squared deviations over n - 1
+                m = mask.to(adv.dtype)
+                mean = (adv * m).sum() / m.sum()
+                adv = (adv - mean) / (((adv - mean) * m).pow(2).sum() / (m.sum() - 1) + 1e-8).sqrt() * m
+            else:
+                adv = whiten(adv, mask)
         if returns_mode == "whitened":
             ret = adv + values * mask
         elif returns_mode == "advantages":
@@ -311,6 +318,7 @@ def _last_column(scores, lp, ref, mask, kl):
         (_block(whiten_mode="never"), "whitening is the wrong way round"),
         (_block(whiten_mode="inverted"), "whitening is the wrong way round"),
         (_block(whiten_mode="padding"), "not over the padding"),
+        (_block(whiten_mode="bessel"), "population standard deviation"),
         (_block(returns_mode="whitened"), "before\\* whitening"),
         (_block(returns_mode="advantages"), "returns are the advantages"),
         (_block(returns_mode="unmasked"), "padding positions"),

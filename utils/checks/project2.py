@@ -270,6 +270,16 @@ def check_rlhf_advantages(fn) -> None:
                 hint = "whiten over the answer tokens only (mask 1), not over the padding too"
             elif ((adv.abs() + ret.abs()) * (1 - mask)).max() > 1e-6:
                 hint = "padding positions (mask 0) must get advantage and return 0"
+            elif (
+                white
+                and torch.allclose(ret, want_ret, atol=1e-5)
+                and torch.allclose(adv, want_adv * (1 - 1 / mask.sum()).sqrt(), atol=1e-5)
+            ):
+                hint = (
+                    "whiten with the population standard deviation of the answer tokens: divide the "
+                    "squared deviations by their number, not by one less (torch.std's default; "
+                    f"{int(mask.sum())} tokens here)"
+                )
             elif torch.allclose(adv, want_adv, atol=1e-5):
                 hint = "the advantages are right but the returns are not: returns = advantages + values"
                 if torch.allclose(ret, whiten(want_ret - values, mask) + values * mask, atol=1e-5):
