@@ -233,3 +233,35 @@ def test_train_grpo_normalises_a_reward_models_scores_and_penalises_unfinished_a
     unfinished = 1 - h["finished"]
     assert h["score"] == pytest.approx((h["reward"] - 0.1) / 0.5 - 2.0 * unfinished, abs=1e-5)
     assert "gold" not in h and seen == [1]
+
+
+def test_train_grpo_runs_the_loss_it_is_given(tiny_model, tiny_tokenizer):
+    """Chapter 7's ablation passes its own aggregation: a loss that is zero must leave the policy where
+    it was, it must be called with grpo_loss's arguments, and without one the loop runs grpo_loss."""
+    import inspect
+
+    from utils.grpo import grpo_loss, train_grpo
+
+    assert inspect.signature(train_grpo).parameters["loss_fn"].default is None
+    calls = []
+
+    def zero_loss(logp, old, ref, advantages, mask, clip, beta):
+        calls.append((tuple(logp.shape) == tuple(mask.shape), clip, beta))
+        return 0.0 * grpo_loss(logp, old, ref, advantages, mask, clip, beta)
+
+    prompts = data.eval_conversations(8, split="train", seed=0)["prompt"]
+    policy = copy.deepcopy(tiny_model)
+    s = _grpo_settings(iterations=2)
+    train_grpo(
+        policy,
+        tiny_model,
+        lambda roll: torch.arange(len(roll), dtype=torch.float32),  # every group has signal
+        copy.deepcopy(tiny_tokenizer),
+        prompts,
+        s,
+        gold=False,
+        show_progress=False,
+        loss_fn=zero_loss,
+    )
+    assert calls and all(c == (True, s.clip, s.beta) for c in calls)
+    assert same_weights(policy, tiny_model), "a zero loss must not move the policy"

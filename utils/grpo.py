@@ -158,12 +158,14 @@ def train_grpo(
     desc="GRPO",
     show_progress=True,
     callback=None,
+    loss_fn=None,
 ):
     """GRPO with your pieces: `reward` is a reward model (its scores normalised with
     `reward_norm`, minus the penalty for an unfinished answer) or any function
     rollout -> scores, used as it is (the verifier). Each iteration takes the next
     `prompts_per_iteration` prompts of a seeded shuffle (cycled) and samples
-    `group_size` answers to each. Returns one dict per iteration."""
+    `group_size` answers to each. `loss_fn` (Section 7's ablation) replaces `grpo_loss`
+    with a function of the same arguments. Returns one dict per iteration."""
     s = settings
     seed_everything(s.seed)
     for m in (policy, reference, reward):
@@ -216,7 +218,7 @@ def train_grpo(
                 sub = roll.subset(idx)
                 w, m = sub.response.shape[1], sub.response_mask
                 logp, _ = token_logprobs(policy, sub, s.temperature)
-                loss = grpo_loss(
+                loss = (loss_fn or grpo_loss)(
                     logp,
                     old_logp[idx, :w],
                     ref_logp[idx, :w],
