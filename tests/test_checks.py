@@ -538,3 +538,59 @@ def test_answer_stats_counts_coreference_only_when_asked():
     assert "right creature" not in stats and stats["KL to SFT"] == 0.5
     stats = evaluate.answer_stats(answers, convs, None, coreference=True)
     assert stats["right creature"] == 0.5  # the terse answer names no creature: not counted
+
+
+# --- what a failing check shows --------------------------------------------------------------------
+def _shown(cell: str) -> str:
+    """What IPython (as in Jupyter, Colab and nbval's kernel) prints when ``cell`` runs."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    with capture_output() as out:
+        InteractiveShell.instance().run_cell(cell)
+    return out.stdout + out.stderr
+
+
+def test_a_failing_check_shows_its_message_not_the_checkers_source():
+    """The checker's source holds the reference (`torch.gather(...)`) and its catalogue of mistakes."""
+    shown = _shown(
+        "import torch\n"
+        "from utils.checks import check_sequence_logprobs\n"
+        "def sequence_logprobs(logits, labels):\n"
+        "    return torch.zeros(labels.shape[0])  # the right shape, the wrong values\n"
+        "check_sequence_logprobs(sequence_logprobs)\n"
+    )
+    assert "CheckError" in shown and "sequence_logprobs" in shown, shown
+    assert "gather" not in shown and "utils/checks" not in shown and "def check_" not in shown, shown
+
+
+def test_an_error_in_the_learners_code_shows_the_learners_frames_only():
+    shown = _shown(
+        "from utils.checks import check_kl_k3\n"
+        "def kl_k3(logp, ref_logp):\n"
+        "    ratio = logp - ref_logp\n"
+        "    return ratio[10_000]  # a typical slip: an index out of range\n"
+        "check_kl_k3(kl_k3)\n"
+    )
+    assert "IndexError" in shown and "Traceback (your code)" in shown and "ratio[10_000]" in shown, shown
+    assert "utils/checks" not in shown and "call_learner" not in shown, shown
+
+
+def test_a_library_error_in_the_checkers_comparison_becomes_a_check_error(monkeypatch):
+    """The checkers here check shapes first, so no learner's answer is known to break one: a checker
+    written in this file (counted as course code for the test) stands in."""
+    from pathlib import Path
+
+    from utils.checks import core
+    from utils.checks.core import learner_facing
+
+    monkeypatch.setattr(core, "_NOT_LEARNERS", (*core._NOT_LEARNERS, str(Path(__file__).resolve())))
+
+    @learner_facing
+    def check_something(fn):
+        return torch.zeros(2) + fn()  # what the learner returned breaks the comparison
+
+    with pytest.raises(CheckError, match="could not finish checking: RuntimeError") as caught:
+        check_something(lambda: torch.zeros(3))
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    assert caught.value._render_traceback_() == [f"\x1b[0;31mCheckError\x1b[0m: {caught.value}"]

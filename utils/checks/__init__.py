@@ -3,7 +3,10 @@
 Each ``check_*`` compares against the maintained library's computation where one exists, tries
 edge cases, and - when the answer is wrong - recognises the common mistakes by recomputing them,
 so the message names the bug ("you did not shift the labels") rather than just "mismatch".
-A checker that passes prints one line; one that fails raises :class:`CheckError`.
+A checker that passes prints one line; one that fails raises :class:`CheckError`, which a notebook
+shows as its message alone (never the checker's source, which holds the reference solution). An
+error inside the learner's own function shows the learner's frames only; a library error that
+their return value causes inside the checker becomes a :class:`CheckError` (``core.learner_facing``).
 
 Layout, in course order, over one small core (everything is re-exported here, so notebooks and
 tests write ``from utils.checks import check_...``):

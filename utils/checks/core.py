@@ -5,12 +5,73 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sysconfig
+import traceback
+from pathlib import Path
 
 import torch
 
+# Code that is not the learner's: the course's package and the installed libraries and stdlib.
+_NOT_LEARNERS = tuple(
+    str(Path(p).resolve())
+    for p in {
+        Path(__file__).resolve().parents[1],  # utils/
+        *(sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")),
+    }
+)
+
 
 class CheckError(AssertionError):
-    """A learner's function gave a wrong answer; the message says what to fix."""
+    """A learner's function gave a wrong answer; the message says what to fix.
+
+    In IPython (Jupyter, Colab, nbval's kernel) a failing check shows this message only, not a
+    traceback through the checker: the checker's source holds the reference solution and its
+    catalogue of known mistakes, which a learner who got one thing wrong should not be shown."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"\x1b[0;31mCheckError\x1b[0m: {self}"]
+
+
+def _learners_frames(tb) -> list[traceback.FrameSummary]:
+    """The frames of ``tb`` from the first one in the learner's own code (a notebook cell, their
+    module) to the end; empty when the error never passed through the learner's code."""
+    frames = traceback.extract_tb(tb)
+    for i, frame in enumerate(frames):
+        path = frame.filename
+        if not path.startswith("<frozen") and not str(Path(path).resolve()).startswith(_NOT_LEARNERS):
+            return frames[i:]
+    return []
+
+
+def learner_facing(check):
+    """Make a checker's failures readable without showing its source.
+
+    A :class:`CheckError` is shown as its message. An error raised inside the learner's own function
+    is re-raised as it is (its type, its message), shown with the learner's frames only. Any other
+    error - a library's, from what the learner's function returned (a shape mismatch, an index out
+    of range in the checker's comparison) - becomes a :class:`CheckError` that says so, with the
+    original kept as its ``__cause__`` for a maintainer."""
+
+    @functools.wraps(check)
+    def guarded(*args, **kwargs):
+        try:
+            return check(*args, **kwargs)
+        except CheckError:
+            raise
+        except Exception as error:
+            mine = _learners_frames(error.__traceback__)
+            if mine:
+                lines = ["Traceback (your code):\n", *traceback.format_list(mine)]
+                lines += traceback.format_exception_only(type(error), error)
+                error._render_traceback_ = lambda: "".join(lines).rstrip("\n").split("\n")
+                raise
+            raise CheckError(
+                f"`{check.__name__}` could not finish checking: {type(error).__name__}: {error}. "
+                "Your function ran, but what it returned broke the comparison: check its shape, "
+                "dtype and device against the exercise's description."
+            ) from error
+
+    return guarded
 
 
 def call_learner(fn, name: str, *args, **kwargs):
@@ -82,6 +143,8 @@ def continues_with(line: str):
     checker's ``continuation`` attribute; a test runs every checker on what its line imports."""
 
     def wrap(check):
+        check = learner_facing(check)
+
         @functools.wraps(check)
         def checked(*args, **kwargs):
             try:
@@ -90,7 +153,7 @@ def continues_with(line: str):
                 raise CheckError(
                     f"{error}\n\nStuck? This line goes on with the course's own implementation "
                     f"(come back to yours later):\n    {line}"
-                ) from None
+                ) from error.__cause__  # a library error behind it stays reachable
 
         checked.continuation = line
         return checked

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .core import CheckError, call_learner, continues_with, expect_tensor, passed
+from .core import CheckError, call_learner, continues_with, expect_tensor, learner_facing, passed
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -43,6 +43,7 @@ def _conversational(rows, where: str) -> None:
             )
 
 
+@learner_facing
 def check_preference_data(train_pairs, held_pairs, test_dialogues, min_pairs: int = 300, gold: bool = True):
     """Step 0's checkpoint: the learner's ``train_pairs`` and ``held_pairs`` (``prompt/chosen/rejected``,
     conversational) against the evaluation ``test_dialogues``.
@@ -129,6 +130,7 @@ def _same_weights(a, b) -> bool:
     return len(pa) == len(pb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(pa, pb))
 
 
+@learner_facing
 def check_reward_model_run(fn, sft_model, tokenizer, train_pairs, held_pairs, min_accuracy: float = 0.6):
     """Run ``fn(sft_model, tokenizer, train_pairs) -> reward model`` and check it on held-out pairs.
 
@@ -176,6 +178,7 @@ def _smoke() -> bool:
     return get_profile().smoke
 
 
+@learner_facing
 def check_policy_run(
     fn, *args, start, tokenizer, conversations, max_kl: float | None = 3.0, seed: int = 3, judge=None
 ):
@@ -314,6 +317,7 @@ def check_rlhf_advantages(fn) -> None:
     passed(f"`{name}`: per-token rewards, GAE, returns and whitening match the course's on ragged batches")
 
 
+@learner_facing
 def check_preference_pairs_run(
     make_fn,
     split_fn,
@@ -360,6 +364,7 @@ def check_preference_pairs_run(
     return train, held
 
 
+@learner_facing
 def check_win_rate_matrix(fn) -> None:
     """``fn({name: gold scores}) -> DataFrame`` whose entry ``[a, b]`` is how often ``a``'s answer scores
     higher than ``b``'s on the same prompt, ties counting one half (so ``[a, b] + [b, a] = 1``)."""
