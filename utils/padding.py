@@ -47,8 +47,8 @@ def length_groups(lengths, max_groups: int | None = None, overhead: int | None =
     cut = np.zeros((max_groups + 1, n + 1), dtype=np.int64)
     best[0, 0] = 0.0
     for g in range(1, max_groups + 1):
-        total = best[g - 1][:, None] + run  # total[i, j]: g - 1 runs up to i, then one run i..j-1
-        total[: g - 1] = np.inf  # g - 1 runs need at least g - 1 rows
+        # total[i, j]: g - 1 runs up to i, then one run i..j-1 (inf where g - 1 runs cannot fit in i rows)
+        total = best[g - 1][:, None] + run
         cut[g] = total.argmin(0)
         best[g] = total[cut[g], np.arange(n + 1)]
     g = min(range(1, max_groups + 1), key=lambda k: best[k][n])

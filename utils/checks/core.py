@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import fit_trl_logprob_tiles
+
 # Code that is not the learner's: the course's package and the installed libraries and stdlib.
 _NOT_LEARNERS = tuple(
     str(Path(p).resolve())
@@ -218,10 +220,7 @@ def compare_with_trl_trainer(
         train_dataset=data,
         processing_class=tokenizer,
     )
-    if type(trainer).__module__.startswith("trl."):
-        from ..config import fit_trl_logprob_tiles
-
-        fit_trl_logprob_tiles(trainer.model)
+    fit_trl_logprob_tiles(trainer.model)  # every trainer_cls here is TRL's
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(data))])
     batch = {k: v.to(trainer.model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     n = len(data)
