@@ -30,6 +30,16 @@ def pytest_configure(config):
     )
 
 
+@pytest.fixture(autouse=True)
+def _checkers_accept_the_references():
+    """The tests run every checker on the course's own implementation (which a learner's check
+    refuses in place of theirs: ``tests/test_checks.py`` tests that refusal)."""
+    from utils.checks.core import references_allowed
+
+    with references_allowed():
+        yield
+
+
 @pytest.fixture(scope="session")
 def corpus_texts():
     """The texts of 2000 TinyWorld pretraining documents (seed 0)."""

@@ -18,8 +18,10 @@ prefs      :func:`preference_recipe`        :func:`get_preference_data`  built h
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import cache
@@ -85,6 +87,54 @@ def load_pair(path: Path):
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     model.eval()
     return model, tokenizer
+
+
+# --- what the getters handed out: the checkpoints' guard against a model trained in place ----
+# A notebook loads the base or SFT model once, in its setup cell, and builds on it: a run that
+# trains it in place (given it as the policy instead of a copy, or policy and reference swapped)
+# corrupts every later cell silently. Each model a getter returns is remembered with a fingerprint
+# of its weights, so that a checkpoint can tell a learner their model is no longer the one loaded.
+_LOADED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ROLES = {"base": "the base model (`get_base_model`)", "sft": "the SFT model (`get_sft_model`)"}
+
+
+def weights_fingerprint(model) -> torch.Tensor:
+    """Each parameter tensor's float64 sum and sum of squares, on the CPU: cheap (one pass over the
+    weights), unchanged by moving the model between devices (up to rounding), and moved by any
+    training step."""
+    with torch.no_grad():
+        rows = [torch.stack([p.double().sum(), p.double().square().sum()]) for p in model.parameters()]
+    return torch.stack(rows).cpu() if rows else torch.zeros(0, 2, dtype=torch.float64)
+
+
+def _remember(stage: str, pair):
+    _LOADED[pair[0]] = (stage, weights_fingerprint(pair[0]))
+    return pair
+
+
+def loaded_as(model) -> str | None:
+    """How a getter described ``model`` when it returned it (``"the SFT model (`get_sft_model`)"``),
+    or ``None`` for a model no getter returned (a copy, a model built in the notebook)."""
+    try:
+        entry = _LOADED.get(model)
+    except TypeError:  # not weak-referenceable: not a model
+        return None
+    return _ROLES[entry[0]] if entry else None
+
+
+def changed_since_loaded(model) -> bool:
+    """Whether the weights of a model a getter returned differ from what it returned (a training run
+    updated it in place; a cast to another dtype counts). ``False`` for a model no getter returned."""
+    try:
+        entry = _LOADED.get(model)
+    except TypeError:
+        return False
+    if entry is None:
+        return False
+    now, then = weights_fingerprint(model), entry[1]
+    if now.shape != then.shape:
+        return True
+    return bool(((now - then).abs() > 1e-9 * (then[:, 1:].abs() + 1.0)).any())
 
 
 # --- stage 1: the base model (Chapter 1) ---------------------------------------------------
@@ -155,10 +205,18 @@ def get_base_model(profile: Profile | None = None, rebuild: bool = False, show_p
     if profile.base_model is not None:
         from .hub import load_hub_model
 
-        return load_hub_model(profile.base_model)
+        return _remember("base", load_hub_model(profile.base_model))
     recipe = base_recipe(profile)
-    return cache.load_or_build(
-        "base", recipe, lambda: build_base_model(recipe, show_progress), save_pair, load_pair, rebuild=rebuild
+    return _remember(
+        "base",
+        cache.load_or_build(
+            "base",
+            recipe,
+            lambda: build_base_model(recipe, show_progress),
+            save_pair,
+            load_pair,
+            rebuild=rebuild,
+        ),
     )
 
 
@@ -219,15 +277,18 @@ def get_sft_model(profile: Profile | None = None, rebuild: bool = False, show_pr
     if profile.sft_model is not None:
         from .hub import load_hub_model
 
-        return load_hub_model(profile.sft_model)
+        return _remember("sft", load_hub_model(profile.sft_model))
     recipe = sft_recipe(profile)
-    return cache.load_or_build(
+    return _remember(
         "sft",
-        recipe,
-        lambda: build_sft_model(recipe, profile, show_progress),
-        save_pair,
-        load_pair,
-        rebuild=rebuild,
+        cache.load_or_build(
+            "sft",
+            recipe,
+            lambda: build_sft_model(recipe, profile, show_progress),
+            save_pair,
+            load_pair,
+            rebuild=rebuild,
+        ),
     )
 
 

@@ -3,6 +3,7 @@ compares a loss with a TRL trainer's on a real batch."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import sysconfig
@@ -56,11 +57,15 @@ def learner_facing(check):
 
     @functools.wraps(check)
     def guarded(*args, **kwargs):
+        models = _loaded_models(args, kwargs)
+        _already_changed(models)
         try:
-            return check(*args, **kwargs)
-        except CheckError:
+            result = check(*args, **kwargs)
+        except CheckError as error:
+            _changed_during(models, check.__name__, error)
             raise
         except Exception as error:
+            _changed_during(models, check.__name__, error)
             mine = _learners_frames(error.__traceback__)
             if mine:
                 lines = ["Traceback (your code):\n", *traceback.format_list(mine)]
@@ -72,14 +77,94 @@ def learner_facing(check):
                 "Your function ran, but what it returned broke the comparison: check its shape, "
                 "dtype and device against the exercise's description."
             ) from error
+        _changed_during(models, check.__name__)
+        return result
 
     return guarded
 
 
+def _loaded_models(args, kwargs) -> list:
+    """The models among a check's arguments that a getter (``get_sft_model``, ``get_base_model``)
+    returned, with how it described them."""
+    from ..artifacts import loaded_as
+
+    seen, out = set(), []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.nn.Module) and id(value) not in seen and loaded_as(value):
+            seen.add(id(value))
+            out.append(value)
+    return out
+
+
+def _already_changed(models) -> None:
+    from ..artifacts import changed_since_loaded, loaded_as
+
+    for model in models:
+        if changed_since_loaded(model):
+            role = loaded_as(model)
+            raise CheckError(
+                f"{role[0].upper()}{role[1:]} given to this check is no longer the model the setup cell "
+                "loaded: its weights changed after loading. An earlier cell trained it in place - a run "
+                "given it as the policy instead of a copy (`copy.deepcopy`), or given the policy and the "
+                "frozen reference in the wrong order. Re-run the setup cell that loads it (and the cells "
+                "you need after it), then this one."
+            )
+
+
+def _changed_during(models, check_name: str, cause: BaseException | None = None) -> None:
+    from ..artifacts import changed_since_loaded, loaded_as
+
+    for model in models:
+        if changed_since_loaded(model):
+            role = loaded_as(model)
+            raise CheckError(
+                f"Your function trained {role} itself: its weights changed while `{check_name}` ran it. "
+                "Train a copy (`policy = copy.deepcopy(...)`) and pass the loaded model as the frozen "
+                "reference - check the order of the arguments (the policy being trained first, then "
+                "the reference). The loaded model is no longer what the setup cell loaded: re-run that "
+                "cell before you try again."
+            ) from cause
+
+
+_REFERENCES_ALLOWED = False
+
+
+@contextlib.contextmanager
+def references_allowed(allowed: bool = True):
+    """Let checkers accept the course's own implementations in place of a learner's (the tests
+    check that every reference passes its checker); a learner's check rejects them."""
+    global _REFERENCES_ALLOWED
+    before, _REFERENCES_ALLOWED = _REFERENCES_ALLOWED, allowed
+    try:
+        yield
+    finally:
+        _REFERENCES_ALLOWED = before
+
+
+def _course_reference(fn) -> str | None:
+    """``module.name`` when ``fn`` is one of the course's own functions (from ``utils``), else ``None``."""
+    target = fn
+    while isinstance(target, functools.partial):
+        target = target.func
+    module = getattr(target, "__module__", None) or ""
+    if module == "utils" or (module.startswith("utils.") and not module.startswith("utils.checks")):
+        return f"{module}.{getattr(target, '__qualname__', getattr(target, '__name__', '?'))}"
+    return None
+
+
 def call_learner(fn, name: str, *args, **kwargs):
-    """Call the learner's ``fn``, turning the usual early failures into helpful messages."""
+    """Call the learner's ``fn``, turning the usual early failures into helpful messages. The course's
+    own implementation passed in place of the learner's is refused: there is nothing of theirs to
+    check (tests allow it with :func:`references_allowed`)."""
     if not callable(fn):
         raise CheckError(f"expected a function for `{name}`, got {type(fn).__name__}")
+    reference = _course_reference(fn)
+    if reference and not _REFERENCES_ALLOWED:
+        raise CheckError(
+            f"`{name}` here is the course's own `{reference}`, imported rather than written, so there is "
+            f"nothing of yours to check. The chapter can go on with it; to pass this check, write `{name}` "
+            "yourself in the exercise's cell, run that cell, then this one."
+        )
     try:
         inspect.signature(fn).bind(*args, **kwargs)
     except TypeError as e:

@@ -4,6 +4,8 @@ the reference run's numbers beside theirs."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 from pathlib import Path
 
@@ -180,19 +182,37 @@ def _smoke() -> bool:
 
 @learner_facing
 def check_policy_run(
-    fn, *args, start, tokenizer, conversations, max_kl: float | None = 3.0, seed: int = 3, judge=None
+    fn,
+    *args,
+    start,
+    tokenizer,
+    conversations,
+    max_kl: float | None = 3.0,
+    seed: int = 3,
+    judge=None,
+    calls=None,
 ):
     """Run ``fn(*args) -> policy`` and compare the policy with ``start`` (the model it was trained
     from) on ``conversations``: sampled answers, gold win rate with a 95% interval, and the KL
     from ``start``. On track = not worse than ``start`` (the interval's top is above one half)
     and, if ``max_kl`` is given, within ``max_kl`` nats of it. ``judge`` goes to
-    :func:`utils.evaluate.evaluate` (``None``: the gold judge). Returns the policy.
+    :func:`utils.evaluate.evaluate` (``None``: the gold judge). ``calls``: a function of the
+    learner's that the run must use (Project 2's ``rlhf_advantages``: ``train_ppo`` runs the
+    course's own block when it is not given one). Returns the policy.
     """
     from ..evaluate import evaluate, win_rate
     from ..rollout import sequence_kl
 
     name = getattr(fn, "__name__", "align")
-    policy = call_learner(fn, name, *args)
+    with _counting_calls(fn, calls) as counted:
+        policy = call_learner(fn, name, *args)
+    if counted is not None and not counted:
+        called = getattr(calls, "__name__", "your function")
+        raise CheckError(
+            f"`{name}` never called your `{called}`: pass it to the training loop "
+            f"(`train_ppo(..., advantages_fn={called})`); without it the loop runs the course's own "
+            "block, and this run would not be yours"
+        )
     if not (isinstance(policy, torch.nn.Module) and hasattr(policy, "generate")):
         raise CheckError(f"`{name}` should return the trained language model, got {type(policy).__name__}")
     if policy is start or _same_weights(policy, start):
@@ -215,8 +235,9 @@ def check_policy_run(
     if w["high"] < 0.5:
         raise CheckError(
             f"`{name}`: {summary} - worse than where it started. Usual causes: a learning rate so "
-            "high the policy collapsed, too little KL penalty (reward hacking), or chosen and "
-            "rejected swapped"
+            "high the policy collapsed; too little KL penalty (reward hacking); chosen and rejected "
+            "swapped in the pairs or the loss; or a reward model that prefers the rejected answers "
+            "(its checkpoint's held-out accuracy says)"
         )
     if max_kl is not None and kl > max_kl:
         raise CheckError(
@@ -225,6 +246,41 @@ def check_policy_run(
         )
     passed(f"`{name}`: {summary} - on track")
     return policy
+
+
+class _Counter:
+    def __init__(self):
+        self.n = 0
+
+    def __bool__(self) -> bool:
+        return self.n > 0
+
+
+@contextlib.contextmanager
+def _counting_calls(fn, target):
+    """While the block runs, count calls to ``target`` made through the names ``fn``'s module binds to
+    it (a notebook's globals: ``advantages_fn=rlhf_advantages`` looks the name up when ``fn`` runs).
+    Yields the count, or ``None`` when ``fn``'s globals do not bind ``target`` (nothing to count)."""
+    counter = _Counter()
+    namespace = getattr(fn, "__globals__", None)
+    names = [k for k, v in (namespace or {}).items() if v is target] if target is not None else []
+    if not names:  # nothing to observe (no target, or ``fn`` reaches it another way)
+        yield None
+        return
+
+    @functools.wraps(target)
+    def counted(*args, **kwargs):
+        counter.n += 1
+        return target(*args, **kwargs)
+
+    for k in names:
+        namespace[k] = counted
+    try:
+        yield counter
+    finally:
+        for k in names:
+            if namespace.get(k) is counted:
+                namespace[k] = target
 
 
 @continues_with("from utils.ppo import rlhf_advantages")
