@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
-from .ch1_pretraining import _library_next_token_loss, _loss_mistakes
+from .ch1_pretraining import (
+    _WRONG_GRADIENT,
+    _library_next_token_loss,
+    _loss_mistakes,
+    _named_mistake,
+    _overflow_hint,
+    _same_gradient,
+)
 from .core import CheckError, call_learner, continues_with, expect_tensor, passed
 
 
@@ -25,9 +34,22 @@ def check_build_labels(fn) -> None:
         ([3, 10, 11, 12, 5, 4, 20, 21, 5], [0, 0, 0, 0, 0, 0, 1, 1, 1]),  # one turn
         ([3, 10, 5, 4, 20, 5, 3, 11, 5, 4, 21, 22, 5], [0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1, 1]),  # two turns
         ([4, 7, 5], [1, 1, 1]),  # everything is the assistant's
+        ([3, 0, 10, 5, 4, 0, 21, 0, 5], [0, 0, 0, 0, 1, 1, 1, 1, 1]),  # token id 0 is a token too
     ]
     for ids, mask in cases:
-        got = _as_list(call_learner(fn, name, list(ids), list(mask)), name)
+        given_ids, given_mask = list(ids), list(mask)
+        got = _as_list(call_learner(fn, name, given_ids, given_mask), name)
+        if given_ids != ids or given_mask != mask:
+            changed = [
+                f"{k} {a} became {b}"
+                for k, a, b in [("input_ids", ids, given_ids), ("assistant_mask", mask, given_mask)]
+                if a != b
+            ]
+            raise CheckError(
+                f"`{name}` changed the lists passed in ({'; '.join(changed)}): `labels = input_ids` "
+                "does not copy, so setting labels[i] = -100 writes -100 into the input ids too. "
+                "Build a new list (e.g. a list comprehension)"
+            )
         want = [t if m else -100 for t, m in zip(ids, mask)]
         if got == want:
             continue
@@ -59,6 +81,12 @@ def check_build_labels(fn) -> None:
                 f"`{name}` used {got[0]} for masked positions: PyTorch's cross-entropy skips -100 "
                 "(ignore_index), not 0 or -1"
             )
+        if all(g == w or (t == 0 and m) for g, w, t, m in zip(got, want, ids, mask)):
+            raise CheckError(
+                f"`{name}` gave {got} for input_ids={ids}, assistant_mask={mask}: the assistant's token "
+                "id 0 lost its label. Token 0 is a token like any other: decide by the mask alone "
+                "(`t * m or -100`, or any test of the token's own truth value, drops it)"
+            )
         raise CheckError(f"`{name}` gave {got} for input_ids={ids}, assistant_mask={mask}; expected {want}")
     passed(
         f"`{name}`: prompt masked with -100, assistant tokens (and their end token) kept, "
@@ -66,17 +94,16 @@ def check_build_labels(fn) -> None:
     )
 
 
-@continues_with("from utils.sft import collate")
-def check_collate(fn, pad_id: int = 0) -> None:
-    """``fn(examples: list[{"input_ids", "labels"}], pad_id)
-    -> {"input_ids", "labels", "attention_mask"}``."""
-    name = getattr(fn, "__name__", "collate")
-    examples = [
-        {"input_ids": [3, 10, 5, 4, 20, 5], "labels": [-100, -100, -100, -100, 20, 5]},
-        {"input_ids": [3, 11, 12, 13, 5, 4, 21, 22, 5], "labels": [-100] * 6 + [21, 22, 5]},
-        {"input_ids": [4, 7, 5], "labels": [4, 7, 5]},
-    ]
-    out = call_learner(fn, name, [dict(e) for e in examples], pad_id)
+def _collate_case(fn, name: str, examples: list[dict], pad_id: int) -> None:
+    """One batch through the learner's ``fn``, compared key by key with the course's ``collate``."""
+    given = copy.deepcopy(examples)
+    out = call_learner(fn, name, given, pad_id)
+    if repr(given) != repr(examples):
+        raise CheckError(
+            f"`{name}` changed the examples passed in (e.g. `e['input_ids'] += [pad_id] * k` extends "
+            "the dataset's own list, and `e['input_ids'] = ...` replaces it): the next epoch would "
+            "see padding in its examples. Leave them as they are and build new tensors"
+        )
     if not isinstance(out, dict) or not {"input_ids", "labels", "attention_mask"} <= set(out):
         raise CheckError(
             f"`{name}` should return a dict with input_ids, labels and attention_mask; got "
@@ -85,6 +112,7 @@ def check_collate(fn, pad_id: int = 0) -> None:
     from ..sft import collate as reference
 
     want = reference(examples, pad_id)
+    real = want["attention_mask"].bool()
     for key in ("input_ids", "labels", "attention_mask"):
         got = expect_tensor(out[key], f"{name}(...)['{key}']", shape=tuple(want[key].shape))
         if got.dtype != torch.long:
@@ -101,16 +129,48 @@ def check_collate(fn, pad_id: int = 0) -> None:
             raise CheckError(
                 f"`{name}` padded on the left: pad on the right for training (positions stay 0..n-1)"
             )
-        if key == "labels" and torch.equal(
-            got, torch.where(want["attention_mask"].bool(), want["labels"], pad_id)
-        ):
+        if key == "input_ids" and torch.equal(got, torch.where(real, want["input_ids"], 0)):
+            raise CheckError(
+                f"`{name}` padded input_ids with 0 where pad_id is {pad_id}: pad with the pad_id "
+                "argument (the tokenizer's padding token is not always 0)"
+            )
+        if key == "labels" and torch.equal(got, torch.where(real, want["labels"], pad_id)):
             raise CheckError(
                 f"`{name}` padded the labels with pad_id ({pad_id}): padding must be -100 so the loss "
                 "skips it, otherwise the model learns to predict padding"
             )
         if key == "attention_mask" and bool((got == 1).all()):
             raise CheckError(f"`{name}` set attention_mask to 1 everywhere: padding positions must be 0")
-        raise CheckError(f"`{name}(...)['{key}']` is\n{got}\nexpected\n{want[key]}")
+        wrong = got != want[key]
+        if key != "input_ids" and bool((real & (want["input_ids"] == pad_id))[wrong].all()):
+            raise CheckError(
+                f"`{name}(...)['{key}']` is wrong only at real tokens that equal pad_id ({pad_id}), as "
+                "when a tokenizer pads with the token that also ends every text: you found the padding "
+                "by comparing input_ids with pad_id. Use each example's length instead"
+            )
+        raise CheckError(f"`{name}(...)['{key}']` with pad_id={pad_id} is\n{got}\nexpected\n{want[key]}")
+
+
+@continues_with("from utils.sft import collate")
+def check_collate(fn, pad_id: int = 0) -> None:
+    """``fn(examples: list[{"input_ids", "labels"}], pad_id)
+    -> {"input_ids", "labels", "attention_mask"}``; with ``pad_id`` and with another one, on a batch
+    where real tokens equal the padding token, and the examples passed in left unchanged."""
+    name = getattr(fn, "__name__", "collate")
+    examples = [
+        {"input_ids": [3, 10, 5, 4, 20, 5], "labels": [-100, -100, -100, -100, 20, 5]},
+        {"input_ids": [3, 11, 12, 13, 5, 4, 21, 22, 5], "labels": [-100] * 6 + [21, 22, 5]},
+        {"input_ids": [4, 7, 5], "labels": [4, 7, 5]},
+    ]
+    _collate_case(fn, name, examples, pad_id)
+    p = 2 if pad_id != 2 else 1  # another padding id, which some real tokens below equal
+    examples = [
+        {"input_ids": [3, 14, p], "labels": [-100, 14, p]},
+        {"input_ids": [3, 9, 8, 4, 17, p], "labels": [-100, -100, -100, -100, 17, p]},
+        {"input_ids": [6], "labels": [6]},
+        {"input_ids": [3, p, 4, 11], "labels": [-100, -100, -100, 11]},
+    ]
+    _collate_case(fn, name, examples, p)
     passed(f"`{name}`: right padding with pad_id, labels padded with -100, attention mask 0 on padding")
 
 
@@ -125,13 +185,16 @@ def _sft_loss_cases():
             stop = seq - (i % 2) * 2
             labels[i, start:stop] = torch.randint(0, vocab, (stop - start,), generator=g)
         cases.append((logits, labels))
+    logits, labels = cases[-1]
+    cases[-1] = (logits * 50, labels)  # logits of magnitude ~100, as a trained model's can be
     return cases
 
 
 @continues_with("from utils.sft import sft_loss")
 def check_sft_loss(fn) -> None:
     """``fn(logits[batch, seq, vocab], labels[batch, seq]) -> scalar``: the token-level mean over all
-    labelled response tokens of the batch (what ``transformers``/TRL compute)."""
+    labelled response tokens of the batch (what ``transformers``/TRL compute): its value (also on
+    logits of magnitude ~100) and its gradient with respect to the logits."""
     name = getattr(fn, "__name__", "sft_loss")
     for i, (logits, labels) in enumerate(_sft_loss_cases()):
         logits = logits.clone().requires_grad_(True)
@@ -140,10 +203,17 @@ def check_sft_loss(fn) -> None:
             raise CheckError(f"`{name}` should return a scalar, got shape {tuple(got.shape)}")
         want = _library_next_token_loss(logits.detach(), labels)
         if torch.allclose(got.detach().float(), want, atol=1e-5, rtol=1e-5):
-            if not got.requires_grad:
+            same = got.requires_grad and _same_gradient(
+                got, logits, lambda lg: _library_next_token_loss(lg, labels)
+            )
+            if same is None or not got.requires_grad:
                 raise CheckError(
-                    f"`{name}`'s result is detached from the logits: training needs its gradient"
+                    f"`{name}`'s result is detached from the logits (did you call .item(), .detach() or "
+                    "use torch.no_grad(), or make a new tensor from the number?): training needs its "
+                    "gradient"
                 )
+            if not same:
+                raise CheckError(f"on case {i} `{name}`'s result{_WRONG_GRADIENT}")
             continue
         v = logits.size(-1)
         per_token = F.cross_entropy(
@@ -154,20 +224,17 @@ def check_sft_loss(fn) -> None:
         ).view(labels.size(0), -1)
         mask = labels[:, 1:] != -100
         per_seq = (per_token.sum(1) / mask.sum(1)).mean()
-        hint = "compare with the next-token loss of Chapter 1: shift, skip -100, average over labelled tokens"
-        if torch.allclose(got.detach().float(), per_seq, atol=1e-5):
+        hint = _overflow_hint(got, logits)
+        if hint is None and torch.allclose(got.detach().float(), per_seq, atol=1e-5):
             hint = (
                 "you averaged within each sequence and then over the batch: that gives a short answer "
                 "as much weight as a long one. Average over all labelled tokens of the batch at once"
             )
-        else:
-            for wrong, message in _loss_mistakes(logits.detach(), labels):
-                try:
-                    if torch.allclose(got.detach().float(), wrong().float(), atol=1e-5, rtol=1e-5):
-                        hint = message
-                        break
-                except Exception:  # noqa: BLE001
-                    continue
+        hint = hint or _named_mistake(
+            got,
+            _loss_mistakes(logits.detach(), labels),
+            "compare with the next-token loss of Chapter 1: shift, skip -100, average over labelled tokens",
+        )
         raise CheckError(
             f"`{name}` gave {got.item():.5f} on case {i} "
             f"where the library's loss is {want.item():.5f}: {hint}"
@@ -225,10 +292,15 @@ def check_count_trainable(fn) -> None:
         stated = sum(t.numel() for t in model.state_dict().values())
         if got == total:
             hint = "it counts frozen parameters too: keep only those with requires_grad"
-        elif got == stated:
+        elif got in (
+            stated,
+            sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False) if p.requires_grad),
+        ):
             hint = (
-                "it counts the state_dict, where tied weights appear twice and frozen ones are included: "
-                "iterate over model.parameters()"
+                "it counts the tied embedding twice (the input embedding and the output layer share one "
+                "tensor), as the state_dict does - which also lists frozen tensors - and as "
+                "named_parameters(remove_duplicate=False) does: iterate over model.parameters(), which "
+                "yields each tensor once, and keep those with requires_grad"
             )
         else:
             hint = "count p.numel() for each p in model.parameters() with p.requires_grad"
