@@ -62,3 +62,16 @@ def test_orpo_loss_against_orpo_trainer(tiny_model, tiny_tokenizer):
         check_orpo_loss(
             lambda nll, c, r, lam: good(nll, c, r, 0.1), tiny_model, tiny_tokenizer, pairs, lam=0.2
         )
+
+
+def test_log1mexp_has_finite_gradients_next_to_zero():
+    """The unused form of a torch.where used to send NaN back when exp(x) rounds to 1."""
+    from utils.orpo import log1mexp
+
+    x = torch.tensor([-1e-9, -2e-8, -1e-3, -0.5, -0.7, -5.0, -100.0], requires_grad=True)
+    y = log1mexp(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.isfinite(g).all(), g
+    exact = torch.log(-torch.expm1(x.detach().double())).float()
+    assert torch.allclose(y.detach(), exact, rtol=1e-6)
+    assert torch.allclose(g[2:], (-1 / torch.expm1(-x.detach()[2:])).float(), rtol=1e-4)

@@ -24,8 +24,16 @@ from .progress import progress
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 - exp(x))`` for ``x < 0``, accurate both near 0 and for very negative ``x``."""
-    return torch.where(x < -0.6931, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    """``log(1 - exp(x))`` for ``x < 0``, accurate both near 0 and for very negative ``x``. Each form
+    is evaluated only where it is used (the other sees a harmless stand-in): a ``torch.where`` over
+    both would send the unused form's infinite gradient through as NaN when ``x`` is within about
+    3e-8 of 0 (``exp(x)`` rounds to 1 in float32)."""
+    far = x < -0.6931
+    return torch.where(
+        far,
+        torch.log1p(-torch.exp(torch.where(far, x, -1.0))),
+        torch.log(-torch.expm1(torch.where(far, -0.5, x))),
+    )
 
 
 def log_odds(avg_logp: torch.Tensor) -> torch.Tensor:

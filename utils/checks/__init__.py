@@ -18,7 +18,8 @@ tests write ``from utils.checks import check_...``):
 - ``ch2_sft``: labels, collation, the SFT loss, counting trainable parameters;
 - ``ch3_rlhf``: the Bradley-Terry loss (vs ``trl.RewardTrainer``), per-token rewards, GAE,
   PPO's policy and value losses;
-- ``ch4_dpo``: summed sequence log-probabilities, the DPO loss (vs ``trl.DPOTrainer``);
+- ``ch4_dpo``: summed sequence log-probabilities, the DPO loss (vs ``trl.DPOTrainer``), the
+  conservative DPO and IPO losses;
 - ``ch5_orpo``: averaged log-probabilities, log odds, the ORPO loss (vs TRL's ``ORPOTrainer``);
 - ``ch7_beyond``: GRPO's group advantages, the k3 KL estimator, the GRPO loss (vs
   ``trl.GRPOTrainer``), the verifiable reward;
@@ -35,7 +36,7 @@ from .ch3_rlhf import (
     check_ppo_policy_loss,
     check_ppo_value_loss,
 )
-from .ch4_dpo import check_dpo_loss, check_sequence_logprobs
+from .ch4_dpo import check_conservative_dpo_loss, check_dpo_loss, check_ipo_loss, check_sequence_logprobs
 from .ch5_orpo import check_average_logprobs, check_log_odds, check_orpo_loss
 from .ch7_beyond import check_group_advantages, check_grpo_loss, check_kl_k3, check_verifier
 from .core import (
@@ -74,6 +75,8 @@ __all__ = [
     "check_ppo_value_loss",
     "check_sequence_logprobs",
     "check_dpo_loss",
+    "check_conservative_dpo_loss",
+    "check_ipo_loss",
     "check_average_logprobs",
     "check_log_odds",
     "check_orpo_loss",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .ch4_dpo import _logprob_cases
+from .ch4_dpo import _check_labelled_logprobs
 from .core import (
     CheckError,
     _loss_verdict,
@@ -23,57 +23,144 @@ from .core import (
 def check_average_logprobs(fn) -> None:
     """``fn(logits[batch, seq, vocab], labels[batch, seq]) -> [batch]``: the *mean* log-probability
     of each row's labelled tokens (ORPO's length-normalised likelihood)."""
-    from ..logprobs import average_logprobs as reference
-
     name = getattr(fn, "__name__", "average_logprobs")
-    for i, (logits, labels, ids) in enumerate(_logprob_cases()):
-        got = expect_tensor(
-            call_learner(fn, name, logits.clone(), labels.clone()), name, shape=(labels.size(0),)
-        )
-        want = reference(logits, labels)
-        if torch.allclose(got.float(), want, atol=1e-4):
-            continue
-        from ..logprobs import sequence_logprobs
-
-        hint = "average log_softmax(logits)[t, labels[t+1]] over the positions where labels[t+1] != -100"
-        if torch.allclose(got.float(), sequence_logprobs(logits, labels), atol=1e-4):
-            hint = "that is the sum (DPO's); ORPO averages over the response's tokens"
-        raise CheckError(
-            f"`{name}` gave {got.tolist()} on case {i} where the answer is {want.tolist()}: {hint}"
-        )
+    _check_labelled_logprobs(fn, name, average=True)
     passed(f"`{name}`: mean over labelled tokens, shifted, on 3 batches")
+
+
+def _fmt(t: torch.Tensor) -> str:
+    return "[" + ", ".join(f"{v:.6g}" for v in t.detach().reshape(-1).tolist()) + "]"
+
+
+def _log_odds_grad(x: torch.Tensor) -> torch.Tensor:
+    """d/dx log(p / (1 - p)) with log p = x: 1 / (1 - p), in float64."""
+    return -1 / torch.expm1(x.double())
 
 
 @continues_with("from utils.orpo import log_odds")
 def check_log_odds(fn) -> None:
-    """``fn(avg_logp[batch]) -> [batch]``: ``log(p / (1 - p))`` with ``log p = avg_logp``."""
+    """``fn(avg_logp[batch]) -> [batch]``: ``log(p / (1 - p))`` with ``log p = avg_logp``, and its
+    gradient (ORPO trains through it), accurate from p = exp(-30) to p = 1 - 1e-8."""
     from ..orpo import log_odds as reference
 
     name = getattr(fn, "__name__", "log_odds")
-    x = torch.tensor([-0.1, -0.6931, -2.0, -7.5, -30.0, -1e-8])
-    got = expect_tensor(call_learner(fn, name, x.clone()), name, shape=tuple(x.shape))
+    x = torch.tensor([-0.1, -0.6931, -2.0, -7.5, -30.0, -1e-8, -3e-8, -2e-7, -1e-6, -1e-5, -1e-3])
+    leaf = x.clone().requires_grad_(True)
+    got = expect_tensor(call_learner(fn, name, leaf.clone()), name, shape=tuple(x.shape))
     want = reference(x)
-    if not torch.isfinite(got).all():
+    value = got.detach().float()
+    if torch.allclose(value, x - torch.log1p(x), atol=1e-3, equal_nan=True):
         raise CheckError(
-            f"`{name}` returned {got.tolist()}: not finite for log p close to 0 (p close to 1). "
-            "Compute log(1 - p) as torch.log(-torch.expm1(avg_logp)) (or log1p(-exp) far from 0)"
+            f"`{name}` gave {_fmt(value)} for log p = {_fmt(x)}; expected {_fmt(want)}: "
+            "1 - p is 1 - exp(avg_logp), not 1 + avg_logp"
         )
-    if not torch.allclose(got.float(), want, rtol=1e-3, atol=1e-3):
+    bad = ~torch.isclose(value, want, rtol=1e-3, atol=1e-3)
+    if bad.any():
+        where = _fmt(x[bad])
+        if not torch.isfinite(value).all():
+            if (x[~torch.isfinite(value)] > -1e-3).all():
+                raise CheckError(
+                    f"`{name}` returned {_fmt(value)}: not finite for log p close to 0 (p close to 1). "
+                    "Compute log(1 - p) as torch.log(-torch.expm1(avg_logp)) (or log1p(-exp) far from 0)"
+                )
+            raise CheckError(
+                f"`{name}` returned {_fmt(value)} for log p = {_fmt(x)}: not finite at log p = "
+                f"{_fmt(x[~torch.isfinite(value)])}, where the log odds are {_fmt(want)}"
+            )
         hint = "log odds = log p - log(1 - p)"
-        if torch.allclose(got.float(), x - torch.log1p(x), atol=1e-3, equal_nan=True):
-            hint = "1 - p is 1 - exp(avg_logp), not 1 + avg_logp"
-        elif torch.allclose(got.float(), x, atol=1e-3):
+        if torch.allclose(value, x, atol=1e-3):
             hint = "that is log p; subtract log(1 - p)"
+        elif (x[bad] > -1e-3).all():
+            hint = (
+                f"right except where p is close to 1 (log p = {where}): there 1 - exp(avg_logp) loses its "
+                "digits, and an epsilon or a clamp that keeps it from 0 gives the wrong value. Compute "
+                "log(1 - p) as torch.log(-torch.expm1(avg_logp))"
+            )
+        raise CheckError(f"`{name}` gave {_fmt(value)} for log p = {_fmt(x)}; expected {_fmt(want)}: {hint}")
+    if not got.requires_grad:
         raise CheckError(
-            f"`{name}` gave {got.tolist()} for log p = {x.tolist()}; expected {want.tolist()}: {hint}"
+            f"`{name}`'s result has no gradient with respect to avg_logp (a loop over math.log, "
+            "torch.tensor(...) of computed values, .item() or .detach() cut the graph): ORPO's loss "
+            "trains the model through the log odds, so build them from torch operations on avg_logp"
+        )
+    (grad,) = torch.autograd.grad(got.float().sum(), leaf, allow_unused=True)
+    grad = torch.zeros_like(x) if grad is None else grad
+    steady = x < -1e-7  # below p = 1 - 1e-7 (closer, float32's exp(avg_logp) rounds to 1)
+    expected = _log_odds_grad(x)
+    if not torch.allclose(grad[steady].double(), expected[steady], rtol=1e-3, atol=1e-4):
+        raise CheckError(
+            f"`{name}` has the right values but the wrong gradient: {_fmt(grad[steady])} at log p = "
+            f"{_fmt(x[steady])}, where d/dlog p of the log odds is 1 / (1 - p) = "
+            f"{_fmt(expected[steady])}. Part of it is cut from the graph or replaced by a constant "
+            "(a .detach(), a clamp that is active): compute it with differentiable torch operations"
         )
     passed(f"`{name}`: log(p / (1 - p)), finite from p = exp(-30) to p = 1 - 1e-8")
+
+
+_ORPO_ARGS = ("nll_chosen", "chosen_avg_logp", "rejected_avg_logp")
+
+
+def _naive_log_odds(x: torch.Tensor) -> torch.Tensor:
+    return x - torch.log(1 - torch.exp(x))
+
+
+def _check_orpo_gradient(name, case, got, leaves, expected) -> None:
+    """``got``'s gradient with respect to the NLL and both answers' log-probabilities must be
+    eq. (2)'s: each term, and ``lam`` on the odds-ratio one, reaches the model."""
+    grads = torch.autograd.grad(got, leaves, allow_unused=True)
+    for arg, grad, want in zip(_ORPO_ARGS, grads, expected):
+        grad = torch.zeros_like(want) if grad is None else grad.double()
+        if torch.allclose(grad, want, rtol=1e-3, atol=1e-6):
+            continue
+        if not grad.any() and arg == "nll_chosen":
+            raise CheckError(
+                f"`{name}` gives the right loss on case {case} but no gradient flows back through "
+                "nll_chosen: keep the NLL term in the graph (no .item(), float() or .detach()) - it is "
+                "ORPO's SFT term, what teaches the model the chosen answers"
+            )
+        if not grad.any():
+            raise CheckError(
+                f"`{name}` gives the right loss on case {case} but no gradient reaches `{arg}`: both "
+                "answers' log-probabilities must stay in the graph (no .detach(), .item() or "
+                "torch.no_grad() on them) - the odds-ratio term raises the chosen answer *and* lowers "
+                "the rejected one"
+            )
+        raise CheckError(
+            f"`{name}` gives the right loss on case {case} but the wrong gradient with respect to "
+            f"`{arg}` ({_fmt(grad)} where eq. (2) gives {_fmt(want)}): part of it is cut from the "
+            "graph or computed apart from the loss. Write L = nll - lam * mean(log sigmoid(ratio)) with "
+            "plain differentiable torch operations"
+        )
+
+
+def _check_logged_ratio(name, case, second, want) -> None:
+    """The tuple's second value, when there is one: the mean log odds ratio (the loop logs it)."""
+    if not isinstance(second, torch.Tensor) or second.numel() != 1:
+        shape = tuple(second.shape) if isinstance(second, torch.Tensor) else type(second).__name__
+        raise CheckError(
+            f"`{name}` returned a tuple whose second value is {shape}: it should be the mean log odds "
+            "ratio, one number in a tensor (the training loop logs it with .item())"
+        )
+    value, ratio = second.detach().double().reshape(()), want
+    if torch.allclose(value, ratio.mean(), rtol=1e-4, atol=1e-4):
+        return
+    hint = "the mean over the batch of log odds(chosen) - log odds(rejected)"
+    if torch.allclose(value, F.logsigmoid(ratio).mean(), rtol=1e-4, atol=1e-4):
+        hint = (
+            "that is the mean of log sigmoid(ratio), the penalty's own term (what TRL logs as "
+            "log_odds_ratio); return the mean log odds ratio itself"
+        )
+    raise CheckError(
+        f"`{name}` returned {value.item():.5f} as its second value on case {case}, where the mean log odds "
+        f"ratio is {ratio.mean().item():.5f}: {hint}"
+    )
 
 
 @continues_with("from utils.orpo import orpo_loss")
 def check_orpo_loss(fn, model=None, tokenizer=None, pairs=None, lam: float = 0.1) -> None:
     """``fn(nll_chosen, chosen_avg_logp, rejected_avg_logp, lam) -> scalar`` (optionally a tuple whose
-    first element is the loss), checked on hand-made values and, given a model and pairs, against
+    first element is the loss, and second the mean log odds ratio), checked on hand-made values -
+    the value and the gradient with respect to every input - and, given a model and pairs, against
     ``trl.experimental.orpo.ORPOTrainer`` on the same batch."""
     from ..orpo import log_odds
     from ..orpo import orpo_loss as reference
@@ -81,34 +168,93 @@ def check_orpo_loss(fn, model=None, tokenizer=None, pairs=None, lam: float = 0.1
     name = getattr(fn, "__name__", "orpo_loss")
     nll = torch.tensor(2.3)
     c, r = torch.tensor([-0.5, -1.2, -3.0]), torch.tensor([-0.9, -1.0, -4.0])
-    for case, (n_, c_, r_, l_) in enumerate(
-        [(nll, c, r, 0.1), (nll, c, r, 1.0), (torch.tensor(0.7), r, c, 0.5)]
-    ):
-        c_in = c_.clone().requires_grad_(True)
-        got = _scalar(call_learner(fn, name, n_.clone(), c_in, r_.clone(), l_), name)
-        ratio = log_odds(c_) - log_odds(r_)
+    cases = [
+        (nll, c, r, 0.1, ""),
+        (nll, c, r, 1.0, ""),
+        (torch.tensor(0.7), r, c, 0.5, ""),
+        (  # answers the model is nearly sure of (p close to 1)
+            torch.tensor(0.9),
+            torch.tensor([-2e-6, -0.05, -1.5, -6.0, -4e-5]),
+            torch.tensor([-4e-7, -3e-7, -2.5, -1e-3, -0.7]),
+            0.7,
+            "near one",
+        ),
+        (torch.tensor(3.0), torch.tensor([-95.0, -0.3]), torch.tensor([-0.01, -60.0]), 0.25, "extreme"),
+    ]
+    results = []  # every case's value first, then every case's gradient
+    for case, (n_, c_, r_, l_, kind) in enumerate(cases):
+        leaves = [t.clone().requires_grad_(True) for t in (n_, c_, r_)]
+        raw = call_learner(fn, name, *(t.clone() for t in leaves), l_)
+        got = _scalar(raw, name)
+        exact = [t.double().requires_grad_(True) for t in (n_, c_, r_)]
+        want, _ = reference(*exact, l_)
+        results.append((got, leaves, exact, want))
+        ratio = (log_odds(exact[1]) - log_odds(exact[2])).detach()
+        if not torch.isfinite(got):
+            hint = {
+                "near one": (
+                    "where an answer's mean log-probability is close to 0 (p close to 1): compute "
+                    "log(1 - p) as torch.log(-torch.expm1(avg_logp)), as your log_odds does"
+                ),
+                "extreme": (
+                    f"where the log odds ratio reaches {ratio.min().item():.1f}: use F.logsigmoid, "
+                    "which stays finite where torch.log(torch.sigmoid(x)) underflows to log 0"
+                ),
+            }.get(kind, "use your log_odds and F.logsigmoid, which stay finite")
+            raise CheckError(f"`{name}` returned {got.item()} on case {case}, {hint}")
+        ratio32 = log_odds(c_) - log_odds(r_)
         _loss_verdict(
             got,
-            reference(n_, c_, r_, l_)[0],
+            want.detach().float(),
             name,
             f"on case {case} where ORPO gives",
             lambda: [
                 (
-                    n_ + l_ * F.logsigmoid(ratio).mean(),
+                    n_ + l_ * F.logsigmoid(ratio32).mean(),
                     "the sign of the odds-ratio term is flipped: it should *reward* a large ratio",
+                ),
+                (
+                    n_ - l_ * F.logsigmoid(-ratio32).mean(),
+                    "chosen and rejected are swapped: the ratio is log odds(chosen) - log odds(rejected)",
                 ),
                 (
                     n_ - l_ * F.logsigmoid(c_ - r_).mean(),
                     "you used the log-probability ratio; ORPO uses the log *odds* ratio",
                 ),
                 (
-                    -l_ * F.logsigmoid(ratio).mean(),
+                    -l_ * F.logsigmoid(ratio32).mean(),
                     "the NLL term on the chosen answer is missing: ORPO is SFT plus a preference penalty",
+                ),
+                (
+                    n_ - l_ * F.logsigmoid(ratio32).sum(),
+                    "average the odds-ratio term over the batch instead of summing",
+                ),
+                (
+                    n_ - l_ * F.logsigmoid(ratio32.mean()),
+                    "average log sigmoid(ratio) over the batch, not the ratio before the log sigmoid",
+                ),
+                (l_ * n_ - F.logsigmoid(ratio32).mean(), "lam weighs the odds-ratio term, not the NLL"),
+                (
+                    (1 - l_) * n_ - l_ * F.logsigmoid(ratio32).mean(),
+                    "the NLL term has weight 1: only the odds-ratio term is scaled by lam",
+                ),
+                (
+                    n_ - l_ * F.logsigmoid(_naive_log_odds(c_) - _naive_log_odds(r_)).mean(),
+                    "log(1 - p) computed as log(1 - exp(avg_logp)) loses its digits when p is close to 1: "
+                    "use torch.log(-torch.expm1(avg_logp)) (your log_odds)",
+                ),
+                (
+                    ratio32.mean(),
+                    "that is the mean log odds ratio: return the loss first, then the ratio",
                 ),
             ],
             "L = nll - lam * mean(log sigmoid(log odds(chosen) - log odds(rejected)))",
             " from the log-probabilities",
         )
+        if isinstance(raw, tuple) and len(raw) > 1:
+            _check_logged_ratio(name, case, raw[1], ratio)
+    for case, (got, leaves, exact, want) in enumerate(results):
+        _check_orpo_gradient(name, case, got, leaves, torch.autograd.grad(want, exact))
     message = f"`{name}` matches the ORPO loss on hand-made cases"
     if model is not None:
         message += _compare_with_orpo_trainer(fn, name, model, tokenizer, pairs, lam)
