@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import sys
 import sysconfig
 import traceback
 from pathlib import Path
@@ -86,8 +87,10 @@ def learner_facing(check):
 def _loaded_models(args, kwargs) -> list:
     """The models among a check's arguments that a getter (``get_sft_model``, ``get_base_model``)
     returned, with how it described them."""
-    from ..artifacts import loaded_as
-
+    artifacts = sys.modules.get(__name__.split(".")[0] + ".artifacts")
+    if artifacts is None:  # not imported: no getter has handed out a model
+        return []
+    loaded_as = artifacts.loaded_as
     seen, out = set(), []
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.nn.Module) and id(value) not in seen and loaded_as(value):
