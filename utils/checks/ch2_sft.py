@@ -1,4 +1,5 @@
-"""Chapter 2 checkers: supervised fine-tuning (labels, collation, the SFT loss, trainable parameters)."""
+"""Chapter 2 checkers: supervised fine-tuning (labels, collation, the SFT loss, trainable parameters),
+and a LoRA layer from scratch against ``peft``'s."""
 
 from __future__ import annotations
 
@@ -308,4 +309,134 @@ def check_count_trainable(fn) -> None:
     passed(
         f"`{name}` agrees with peft's get_nb_trainable_parameters ({want_lora:,} of "
         f"{lora.get_nb_trainable_parameters()[1]:,}) and with tied embeddings counted once"
+    )
+
+
+# --- LoRA from scratch ---------------------------------------------------------------------
+def _peft_lora(base, r: int, alpha: float, lora_a, lora_b):
+    """``peft``'s LoRA layer on a copy of ``base``, with the given adapter weights."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    holder = torch.nn.Module()
+    holder.proj = copy.deepcopy(base)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], lora_dropout=0.0)
+    layer = inject_adapter_in_model(config, holder).proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(lora_a)
+        layer.lora_B["default"].weight.copy_(lora_b)
+    return layer
+
+
+@continues_with("from utils.lora import LoRALinear")
+def check_lora_linear(cls) -> None:
+    """``cls(base: nn.Linear, r, alpha)``: a module with parameters ``lora_A [r, in]`` and
+    ``lora_B [out, r]`` whose forward is ``base(x) + (alpha / r) x A^T B^T``, with ``base`` frozen and
+    ``B`` starting at zero, and whose ``merge()`` returns one ``nn.Linear`` that computes the same.
+    Checked against ``peft``'s LoRA layer on the same weights, on layers of distinct sizes."""
+    # the learner's layer draws its A from the global generator: leave the notebook's random state
+    # as it was, so that the cells after the check draw what they would have drawn without it
+    with torch.random.fork_rng(devices=[]):
+        _check_lora_linear(cls)
+
+
+def _check_lora_linear(cls) -> None:
+    name = getattr(cls, "__name__", "LoRALinear")
+    g = torch.Generator().manual_seed(4)
+    for d_in, d_out, r, alpha, bias in [(6, 5, 3, 6.0, True), (7, 9, 2, 16.0, False)]:
+        base = torch.nn.Linear(d_in, d_out, bias=bias)
+        with torch.no_grad():
+            base.weight.copy_(torch.randn(d_out, d_in, generator=g))
+            if bias:
+                base.bias.copy_(torch.randn(d_out, generator=g))
+        kept = copy.deepcopy(base)
+        where = f"(in {d_in}, out {d_out}, r = {r}, alpha = {alpha}{', with bias' if bias else ''})"
+        layer = call_learner(cls, name, base, r, alpha)
+        if not isinstance(layer, torch.nn.Module):
+            raise CheckError(
+                f"`{name}(base, r, alpha)` should build an nn.Module, got {type(layer).__name__}"
+            )
+        for attr, shape in (("lora_A", (r, d_in)), ("lora_B", (d_out, r))):
+            p = getattr(layer, attr, None)
+            if not isinstance(p, torch.nn.Parameter):
+                raise CheckError(f"`{name}` should hold `{attr}` as an nn.Parameter {where}")
+            if tuple(p.shape) != shape:
+                hint = " (transposed?)" if tuple(p.shape) == shape[::-1] else ""
+                raise CheckError(
+                    f"`{name}.{attr}` has shape {tuple(p.shape)}; expected {shape}{hint} {where}"
+                )
+        trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
+        frozen_base = [n for n in trainable if n not in ("lora_A", "lora_B")]
+        if frozen_base:
+            raise CheckError(
+                f"`{name}` leaves {sorted(frozen_base)} trainable: the base layer must be frozen "
+                "(requires_grad False), or the optimiser updates every weight and LoRA saves nothing"
+            )
+        if trainable != {"lora_A", "lora_B"}:
+            raise CheckError(
+                f"`{name}`: lora_A and lora_B must be trainable; trainable now: {sorted(trainable)}"
+            )
+        if not torch.equal(layer.lora_B.detach(), torch.zeros(d_out, r)):
+            raise CheckError(
+                f"`{name}.lora_B` should start at zero {where}, so that the layer starts exactly at the "
+                "base model (A starts random, as nn.Linear's weights do)"
+            )
+        if torch.equal(layer.lora_A.detach(), torch.zeros(r, d_in)):
+            raise CheckError(
+                f"`{name}.lora_A` starts at zero too {where}: then no gradient reaches either matrix "
+                "(dL/dB needs A, dL/dA needs B). Initialise A at random (nn.init.kaiming_uniform_)"
+            )
+        x = torch.randn(3, 4, d_in, generator=g)
+        out = expect_tensor(call_learner(layer, name, x), f"{name}(x)", shape=(3, 4, d_out))
+        if not torch.allclose(out, kept(x), atol=1e-5):
+            raise CheckError(
+                f"`{name}` does not start at the base layer {where}: with B = 0 its output must be base(x)"
+            )
+        lora_a, lora_b = torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)
+        with torch.no_grad():
+            layer.lora_A.copy_(lora_a)
+            layer.lora_B.copy_(lora_b)
+        reference = _peft_lora(kept, r, alpha, lora_a, lora_b)
+        out = expect_tensor(call_learner(layer, name, x), f"{name}(x)", shape=(3, 4, d_out))
+        want = reference(x).detach()
+        if not torch.allclose(out, want, atol=1e-4):
+            delta = (out - kept(x)).detach()
+            update = x @ lora_a.T @ lora_b.T
+            if torch.allclose(delta, update, atol=1e-4):
+                hint = f"the update is not scaled: multiply it by alpha / r (= {alpha / r:g} here)"
+            elif torch.allclose(delta, alpha * update, atol=1e-4):
+                hint = f"the update is scaled by alpha; LoRA scales it by alpha / r (= {alpha / r:g} here)"
+            elif torch.allclose(delta, (r / alpha) * update, atol=1e-4):
+                hint = "the scale is upside down: alpha / r, not r / alpha"
+            else:
+                hint = "the output is base(x) + (alpha / r) * x A^T B^T: x goes through A first, then B"
+            raise CheckError(f"`{name}` differs from peft's LoRA layer on the same weights {where}: {hint}")
+        out.sum().backward()
+        if any(p.grad is not None for p in base.parameters()):
+            raise CheckError(f"`{name}` sends a gradient to the base layer {where}: freeze it")
+        if layer.lora_A.grad is None or layer.lora_B.grad is None:
+            raise CheckError(f"`{name}`: no gradient reached lora_A or lora_B {where}")
+        merged = call_learner(getattr(layer, "merge", None), f"{name}.merge")
+        if not isinstance(merged, torch.nn.Linear):
+            raise CheckError(f"`{name}.merge()` should return one nn.Linear, got {type(merged).__name__}")
+        reference.merge()
+        got = merged(x).detach()
+        if not torch.allclose(got, want, atol=1e-4):
+            w = merged.weight.detach()
+            if torch.allclose(w, kept.weight + lora_b @ lora_a, atol=1e-4):
+                hint = "the merged weight is missing the scale alpha / r"
+            elif bias and not torch.allclose(merged.bias.detach(), kept.bias, atol=1e-6):
+                hint = "the merged layer lost the base layer's bias"
+            else:
+                hint = "the merged weight is W + (alpha / r) B A (shape [out, in])"
+            raise CheckError(f"`{name}.merge()` computes something else than the adapter {where}: {hint}")
+        if not torch.allclose(merged.weight.detach(), reference.base_layer.weight.detach(), atol=1e-4):
+            raise CheckError(f"`{name}.merge()`'s weight differs from peft's merged weight {where}")
+        if not torch.allclose(call_learner(layer, name, x).detach(), want, atol=1e-4):
+            raise CheckError(
+                f"after `merge()`, `{name}` itself changed {where}: merge into a new nn.Linear and leave "
+                "the adapter layer as it was"
+            )
+    passed(
+        f"`{name}` equals peft's LoRA layer on the same weights (output, gradients only to A and B, "
+        "and the merged nn.Linear), on two layers of different sizes"
     )
