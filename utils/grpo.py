@@ -58,6 +58,29 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return kl_estimates(logprobs, ref_logprobs)["k3"]
 
 
+def expected_k3_gradients(
+    theta: torch.Tensor, ref_logprobs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chapter 7's check of k3's gradient on a small softmax ``pi = softmax(theta)`` over ``V`` tokens:
+    the exact expectation over ``y ~ pi`` of the gradient with respect to ``theta`` of k3 at ``y`` (the
+    token held fixed, as a sampled one is), and of ``rho(y) * k3(y)`` with ``rho = pi(y) / pi_old(y)``
+    and ``pi_old = pi`` detached. Returns ``(g_k3, g_ratio_k3)``, each ``[V]``."""
+    weights = torch.softmax(theta.detach(), -1)  # the sampling distribution: not differentiated
+    out = []
+    for with_ratio in (False, True):
+        total = torch.zeros_like(theta)
+        for y in range(theta.shape[-1]):
+            th = theta.detach().clone().requires_grad_(True)
+            logp = torch.log_softmax(th, -1)[y]
+            loss = kl_k3(logp, ref_logprobs[y])
+            if with_ratio:
+                loss = torch.exp(logp - logp.detach()) * loss  # rho = 1 in value, not in gradient
+            (grad,) = torch.autograd.grad(loss, th)
+            total = total + weights[y] * grad
+        out.append(total)
+    return out[0], out[1]
+
+
 def grpo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -96,6 +119,21 @@ def verify(conversation: list[dict], response: str, finished: bool = True) -> fl
         return 0.0
     parts = score_breakdown(conversation, response, finished)
     return float("correct" in parts or "refusal" in parts)
+
+
+def verifier_hack() -> tuple[list[dict], str]:
+    """Chapter 7's "hack the verifier": a conversation of the evaluation set and an answer that
+    :func:`verify` scores 1.0 and a reader would not accept - the right fact, said rudely."""
+    from .data import eval_conversations
+    from .judge import parse_request
+    from .world import make_world
+
+    world = make_world()
+    for conversation in eval_conversations(200, seed=0)["prompt"]:
+        req = parse_request(conversation, world)
+        if req is not None and req.kind == "fact":
+            return conversation, f"Ugh, obviously. {world.good_answer(req)}"
+    raise RuntimeError("no fact question among the evaluation conversations")
 
 
 def verifier_scores(rollout) -> list[float]:

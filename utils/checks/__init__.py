@@ -15,20 +15,28 @@ tests write ``from utils.checks import check_...``):
   :func:`passed`, the loss verdict, and :func:`compare_with_trl_trainer`, the harness that
   compares a loss with a TRL trainer's on one real batch (used by Chapters 3, 4 and 5);
 - ``ch1_pretraining``: the next-token loss, sampling the next token;
-- ``ch2_sft``: labels, collation, the SFT loss, counting trainable parameters;
+- ``ch2_sft``: labels, collation, the SFT loss, counting trainable parameters, a LoRA layer (vs
+  ``peft``'s);
 - ``ch3_rlhf``: the Bradley-Terry loss (vs ``trl.RewardTrainer``), per-token rewards, GAE,
   PPO's policy and value losses;
 - ``ch4_dpo``: summed sequence log-probabilities, the DPO loss (vs ``trl.DPOTrainer``), the
   conservative DPO and IPO losses;
 - ``ch5_orpo``: averaged log-probabilities, log odds, the ORPO loss (vs TRL's ``ORPOTrainer``);
-- ``ch7_beyond``: GRPO's group advantages, the k3 KL estimator, the GRPO loss (vs
-  ``trl.GRPOTrainer``), the verifiable reward;
+- ``ch7_beyond``: GRPO's group advantages, the k3 KL estimator and its gradient on a small
+  softmax, the GRPO loss (vs ``trl.GRPOTrainer``), the verifiable reward and an answer that
+  games it;
 - ``project2``: checkpoints for the learner's preference data, their block of the PPO loop and
   their reward-model and policy training; the win-rate matrix; the reference run beside theirs.
 """
 
 from .ch1_pretraining import check_next_token_loss, check_sample_next_token
-from .ch2_sft import check_build_labels, check_collate, check_count_trainable, check_sft_loss
+from .ch2_sft import (
+    check_build_labels,
+    check_collate,
+    check_count_trainable,
+    check_lora_linear,
+    check_sft_loss,
+)
 from .ch3_rlhf import (
     check_bradley_terry_loss,
     check_gae,
@@ -38,7 +46,14 @@ from .ch3_rlhf import (
 )
 from .ch4_dpo import check_conservative_dpo_loss, check_dpo_loss, check_ipo_loss, check_sequence_logprobs
 from .ch5_orpo import check_average_logprobs, check_log_odds, check_orpo_loss
-from .ch7_beyond import check_group_advantages, check_grpo_loss, check_kl_k3, check_verifier
+from .ch7_beyond import (
+    check_expected_k3_gradients,
+    check_group_advantages,
+    check_grpo_loss,
+    check_kl_k3,
+    check_verifier,
+    check_verifier_hack,
+)
 from .core import (
     CheckError,
     call_learner,
@@ -68,6 +83,7 @@ __all__ = [
     "check_collate",
     "check_sft_loss",
     "check_count_trainable",
+    "check_lora_linear",
     "check_bradley_terry_loss",
     "check_per_token_rewards",
     "check_gae",
@@ -89,6 +105,8 @@ __all__ = [
     "check_win_rate_matrix",
     "check_group_advantages",
     "check_kl_k3",
+    "check_expected_k3_gradients",
     "check_grpo_loss",
     "check_verifier",
+    "check_verifier_hack",
 ]

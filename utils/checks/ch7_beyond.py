@@ -445,6 +445,98 @@ def _gradient_verdict(got, lp, args, name: str, where: str) -> None:
     )
 
 
+# --- k3's gradient, checked on a small softmax -------------------------------------------------
+def _softmax_cases():
+    g = torch.Generator().manual_seed(7)
+    cases = []
+    for vocab, scale in [(5, 1.0), (7, 3.0), (3, 0.3)]:
+        theta = torch.randn(vocab, generator=g, dtype=torch.float64) * scale
+        ref = torch.log_softmax(torch.randn(vocab, generator=g, dtype=torch.float64) * scale, -1)
+        cases.append((theta, ref))
+    return cases
+
+
+def _kl_gradient(theta, ref, forward: bool) -> torch.Tensor:
+    th = theta.detach().clone().requires_grad_(True)
+    logp = torch.log_softmax(th, -1)
+    kl = (ref.exp() * (ref - logp)).sum() if forward else (logp.exp() * (logp - ref)).sum()
+    return torch.autograd.grad(kl, th)[0]
+
+
+@continues_with("from utils.grpo import expected_k3_gradients")
+def check_expected_k3_gradients(fn) -> None:
+    """``fn(theta[V], ref_logprobs[V]) -> (g_k3[V], g_ratio_k3[V])``: the exact expectation over
+    ``y ~ softmax(theta)`` of the gradient (with respect to ``theta``) of k3 at the token ``y``, and of
+    ``rho * k3`` with ``rho = pi(y) / pi_old(y)``, ``pi_old`` the same policy detached. Checked on
+    three softmaxes of different sizes in float64 against the course's, with the usual slips named."""
+    from ..grpo import expected_k3_gradients
+
+    name = getattr(fn, "__name__", "expected_k3_gradients")
+    for theta, ref in _softmax_cases():
+        v = theta.shape[0]
+        kept = (theta.clone(), ref.clone())
+        out = call_learner(fn, name, theta, ref)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise CheckError(f"`{name}` should return a pair (g_k3, g_ratio_k3), got {type(out).__name__}")
+        if not (torch.equal(theta, kept[0]) and torch.equal(ref, kept[1])):
+            raise CheckError(
+                f"`{name}` changed its inputs in place: work on copies (`theta.detach().clone()`)"
+            )
+        got = [
+            expect_tensor(x, f"{name} ({which})", shape=(v,)) for x, which in zip(out, ("g_k3", "g_ratio_k3"))
+        ]
+        got = [x.detach().double() for x in got]
+        want = expected_k3_gradients(theta, ref)
+        if all(torch.allclose(a, b, atol=1e-9) for a, b in zip(got, want)):
+            continue
+        where = f"(a softmax over {v} tokens)"
+        if torch.allclose(got[0], want[1], atol=1e-9) and torch.allclose(got[1], want[0], atol=1e-9):
+            raise CheckError(
+                f"`{name}` returned the pair the wrong way round {where}: k3's first, then rho * k3's"
+            )
+        per_token = _per_token_k3_gradients(theta, ref)
+        uniform = [sum(g[y] / v for y in range(v)) for g in per_token]
+        if any(torch.allclose(a, u, atol=1e-9) for a, u in zip(got, uniform)):
+            hint = "the expectation is over y ~ pi: weight each token's gradient by pi(y), not 1/V"
+        elif torch.allclose(got[0], _kl_gradient(theta, ref, forward=False), atol=1e-9):
+            hint = (
+                "your g_k3 is the gradient of KL(pi || pi_ref) itself: the weights pi(y) carried gradient. "
+                "A sampled token's probability of being drawn is not differentiated: detach the weights"
+            )
+        elif torch.allclose(got[0], want[0], atol=1e-9) and torch.allclose(got[1], want[0], atol=1e-9):
+            hint = (
+                "g_ratio_k3 equals g_k3: rho passes no gradient. rho = exp(log pi(y) - log pi_old(y)) is 1 "
+                "in value, and its gradient is that of log pi(y): detach pi_old only, not pi"
+            )
+        elif torch.allclose(got[0], want[0], atol=1e-9):
+            hint = "g_k3 is right, g_ratio_k3 is not: the loss is rho * k3, with rho = pi(y) / pi_old(y)"
+        else:
+            hint = (
+                "g_k3 is wrong: for each token y, differentiate k3(log pi(y), log pi_ref(y)) with respect to "
+                "theta (log pi = log_softmax(theta)) and weight by pi(y)"
+            )
+        raise CheckError(f"`{name}` is wrong {where}: {hint}")
+    passed(f"`{name}`: E[grad k3] and E[grad rho*k3] exact on 3 softmaxes")
+
+
+def _per_token_k3_gradients(theta, ref):
+    """For each of the two losses, the list of each token's gradient (unweighted)."""
+    from ..grpo import kl_k3
+
+    out = []
+    for with_ratio in (False, True):
+        grads = []
+        for y in range(theta.shape[0]):
+            th = theta.detach().clone().requires_grad_(True)
+            logp = torch.log_softmax(th, -1)[y]
+            loss = kl_k3(logp, ref[y])
+            if with_ratio:
+                loss = torch.exp(logp - logp.detach()) * loss
+            grads.append(torch.autograd.grad(loss, th)[0])
+        out.append(grads)
+    return out
+
+
 @continues_with("from utils.grpo import grpo_loss")
 def check_grpo_loss(
     fn, policy=None, tokenizer=None, conversations=None, beta: float = 0.04, group_size: int = 4
@@ -733,3 +825,52 @@ def check_verifier(fn) -> None:
             f"(finished={finished}), should be {want}: {hint}" + (f"; here: {note}" if note else "")
         )
     passed(f"`{name}` agrees with the rule on {len(cases)} answers in every style")
+
+
+# --- hack the verifier -------------------------------------------------------------------------
+@continues_with("from utils.grpo import verifier_hack")
+def check_verifier_hack(fn, verify=None) -> None:
+    """``fn() -> (conversation, response)``: a TinyWorld conversation and an answer that ``verify``
+    (the learner's; the course's by default) scores 1.0, and that the gold judge - the reader -
+    scores at least 0.5 below the plain right answer (``World.good_answer``)."""
+    from ..grpo import verify as course_verify
+    from ..judge import score, score_breakdown
+    from ..world import make_world, parse_request
+
+    name = getattr(fn, "__name__", "hack")
+    verify = verify or course_verify
+    out = call_learner(fn, name)
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], str)):
+        raise CheckError(f"`{name}` should return a pair (conversation, response text), got {out!r:.200}")
+    conversation, response = out
+    if not (
+        isinstance(conversation, list) and conversation and all(isinstance(m, dict) for m in conversation)
+    ):
+        raise CheckError(
+            f"`{name}`'s conversation should be a list of {{'role', 'content'}} messages, as in "
+            f"`eval_prompts`; got {type(conversation).__name__}"
+        )
+    world = make_world()
+    req = parse_request(conversation, world)
+    if req is None:
+        raise CheckError(
+            f"the gold judge does not understand the request {conversation[-1].get('content')!r}: "
+            "take a conversation from `eval_prompts`"
+        )
+    verdict = call_learner(verify, getattr(verify, "__name__", "verify"), conversation, response, True)
+    if float(verdict) != 1.0:
+        raise CheckError(
+            f"the verifier scores {response!r} {float(verdict)}: a hack must pass it (1.0). Start from "
+            f"the right answer ({world.good_answer(req)!r}) and change what the verifier does not check"
+        )
+    gold, plain = score(conversation, response), score(conversation, world.good_answer(req))
+    if gold > plain - 0.5:
+        raise CheckError(
+            f"the gold judge scores {response!r} {gold:.2f}, against {plain:.2f} for the plain right "
+            "answer: a reader would accept it. Which of the rubric's lines does the verifier not read?"
+        )
+    lost = ", ".join(f"{k} {v:+.2f}" for k, v in score_breakdown(conversation, response).items() if v < 0)
+    passed(
+        f"`{name}`: the verifier scores it 1.0, the gold judge {gold:.2f} against {plain:.2f} for the "
+        f"plain right answer ({lost})"
+    )
