@@ -81,7 +81,7 @@ def test_the_fingerprint_sees_one_small_step_and_not_a_copy(tiny_model, tiny_tok
 def _dialogues(n=6):
     from utils.data import eval_conversations
 
-    return eval_conversations(n, seed=0)
+    return eval_conversations(n, seed=0)["prompt"]
 
 
 def test_a_checkpoint_names_a_model_trained_before_it(tiny_model, tiny_tokenizer):

@@ -48,7 +48,10 @@ def test_reward_model_run_rejects_an_untrained_or_wrong_model(tiny_model, tiny_t
     pairs = annotator_preferences(64)
     with pytest.raises(CheckError, match="one-number head"):
         check_reward_model_run(lambda m, t, p: m, tiny_model, tiny_tokenizer, pairs, pairs)
-    with pytest.raises(CheckError, match="not yet on track|rejected"):  # a random head ranks at chance
+    # a random head ranks at chance - on 64 pairs, anywhere from 0.3 to 0.66 depending on its
+    # initialisation (global RNG): seeded, so that the test does not depend on the tests before it
+    torch.manual_seed(0)
+    with pytest.raises(CheckError, match="not yet on track|rejected"):
         check_reward_model_run(
             lambda m, t, p: reward_model_from(m, t), tiny_model, tiny_tokenizer, pairs, pairs
         )
@@ -74,7 +77,9 @@ def test_a_smoke_test_checks_structure_but_does_not_judge_outcomes(
     with pytest.raises(CheckError, match="one-number head"):
         check_reward_model_run(lambda m, t, p: m, tiny_model, tiny_tokenizer, pairs, pairs)
     check_reward_model_run(lambda m, t, p: reward_model_from(m, t), tiny_model, tiny_tokenizer, pairs, pairs)
-    assert "a smoke test, so not judged" in capsys.readouterr().out  # a random head ranks at chance
+    assert "a smoke test, so not judged" in " ".join(
+        capsys.readouterr().out.split()
+    )  # a random head ranks at chance
     prompts = eval_conversations(8, split="test", seed=0, dialogues=1.0)["prompt"]
     kw = dict(start=tiny_model, tokenizer=tiny_tokenizer, conversations=prompts)
     with pytest.raises(CheckError, match="unchanged"):

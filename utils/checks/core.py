@@ -8,6 +8,7 @@ import functools
 import inspect
 import sys
 import sysconfig
+import textwrap
 import traceback
 from pathlib import Path
 
@@ -33,7 +34,34 @@ class CheckError(AssertionError):
     catalogue of known mistakes, which a learner who got one thing wrong should not be shown."""
 
     def _render_traceback_(self) -> list[str]:
-        return [f"\x1b[0;31mCheckError\x1b[0m: {self}"]
+        shown = wrap_lines(f"CheckError: {self}")  # wrapped as plain text, then coloured
+        return f"\x1b[0;31mCheckError\x1b[0m{shown[len('CheckError') :]}".split("\n")
+
+
+# The widest line a notebook's output shows without a horizontal scroll in the book (its code is
+# formatted to the same width).
+OUTPUT_WIDTH = 88
+
+
+def wrap_lines(text: str, width: int = OUTPUT_WIDTH) -> str:
+    """``text`` with every line longer than ``width`` broken at spaces, its continuation lines
+    indented by four spaces more than the line itself."""
+    out = []
+    for line in text.split("\n"):
+        if len(line) <= width:
+            out.append(line)
+            continue
+        lead = line[: len(line) - len(line.lstrip())]
+        out.append(
+            textwrap.fill(
+                line,
+                width=width,
+                subsequent_indent=lead + "    ",
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
+        )
+    return "\n".join(out)
 
 
 def _learners_frames(tb) -> list[traceback.FrameSummary]:
@@ -241,7 +269,7 @@ def continues_with(line: str):
                 return check(*args, **kwargs)
             except CheckError as error:
                 raise CheckError(
-                    f"{error}\n\nStuck? This line goes on with the course's own implementation "
+                    f"{error}\n\nStuck? This line goes on with the course's own implementation\n"
                     f"(come back to yours later):\n    {line}"
                 ) from error.__cause__  # a library error behind it stays reachable
 
@@ -252,7 +280,7 @@ def continues_with(line: str):
 
 
 def passed(message: str) -> None:
-    print(f"[check passed] {message}")
+    print(wrap_lines(f"[check passed] {message}"))
 
 
 def compare_with_trl_trainer(
