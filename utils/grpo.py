@@ -58,27 +58,35 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return kl_estimates(logprobs, ref_logprobs)["k3"]
 
 
+def k3_token_gradients(
+    theta: torch.Tensor, ref_logprobs: torch.Tensor, with_ratio: bool
+) -> list[torch.Tensor]:
+    """For each token ``y`` of a small softmax ``pi = softmax(theta)``, the gradient with respect to
+    ``theta`` of k3 at ``y`` (the token held fixed, as a sampled one is), or with ``with_ratio`` of
+    ``rho(y) * k3(y)``, ``rho = pi(y) / pi_old(y)`` with ``pi_old = pi`` detached. Unweighted."""
+    grads = []
+    for y in range(theta.shape[-1]):
+        th = theta.detach().clone().requires_grad_(True)
+        logp = torch.log_softmax(th, -1)[y]
+        loss = kl_k3(logp, ref_logprobs[y])
+        if with_ratio:
+            loss = torch.exp(logp - logp.detach()) * loss  # rho = 1 in value, not in gradient
+        grads.append(torch.autograd.grad(loss, th)[0])
+    return grads
+
+
 def expected_k3_gradients(
     theta: torch.Tensor, ref_logprobs: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chapter 7's check of k3's gradient on a small softmax ``pi = softmax(theta)`` over ``V`` tokens:
-    the exact expectation over ``y ~ pi`` of the gradient with respect to ``theta`` of k3 at ``y`` (the
-    token held fixed, as a sampled one is), and of ``rho(y) * k3(y)`` with ``rho = pi(y) / pi_old(y)``
-    and ``pi_old = pi`` detached. Returns ``(g_k3, g_ratio_k3)``, each ``[V]``."""
+    the exact expectation over ``y ~ pi`` of :func:`k3_token_gradients`, without and with the ratio.
+    Returns ``(g_k3, g_ratio_k3)``, each ``[V]``."""
     weights = torch.softmax(theta.detach(), -1)  # the sampling distribution: not differentiated
-    out = []
-    for with_ratio in (False, True):
-        total = torch.zeros_like(theta)
-        for y in range(theta.shape[-1]):
-            th = theta.detach().clone().requires_grad_(True)
-            logp = torch.log_softmax(th, -1)[y]
-            loss = kl_k3(logp, ref_logprobs[y])
-            if with_ratio:
-                loss = torch.exp(logp - logp.detach()) * loss  # rho = 1 in value, not in gradient
-            (grad,) = torch.autograd.grad(loss, th)
-            total = total + weights[y] * grad
-        out.append(total)
-    return out[0], out[1]
+    g_k3, g_ratio_k3 = (
+        sum(w * g for w, g in zip(weights, k3_token_gradients(theta, ref_logprobs, with_ratio)))
+        for with_ratio in (False, True)
+    )
+    return g_k3, g_ratio_k3
 
 
 def grpo_loss(

@@ -39,6 +39,22 @@ def _straight_through(x: torch.Tensor, lo, hi) -> torch.Tensor:
     return x + (x.clamp(lo, hi) - x).detach()
 
 
+def _wrong_gradient(name, i, clip, g, g_ref, mask, token, mistakes, wrt: str, trains: str):
+    """The end of a PPO loss checker whose value was right and gradient wrong: name each of
+    ``mistakes`` - ``(gradient, hint)`` pairs - whose gradient ``g`` equals, else the first token
+    whose gradient differs."""
+    hint = "; or ".join(h for grad, h in mistakes if _same_grad(g, grad))  # each that fits
+    if not hint:
+        hint = (
+            f"build the loss from torch operations on `{wrt}`, without .detach() or .item()"
+            + _first_wrong_token(g, g_ref, mask, token)
+        )
+    raise CheckError(
+        f"`{name}` gives the right loss on case {i} (clip={clip}) but the wrong gradient with respect to "
+        f"`{wrt}`, which is what trains {trains}: {hint}"
+    )
+
+
 def _first_wrong_token(g, g_ref, mask, describe) -> str:
     """Where a loss's per-token gradient ``g`` first departs from ``g_ref``, as the end of a hint:
     a padding position, or a real token described by ``describe(b, t)``; empty when every real
@@ -579,16 +595,7 @@ def check_ppo_policy_loss(fn) -> None:
                 "the unclipped term -A * ratio is detached: both terms must carry `logprobs`' gradient",
             ),
         ]
-        hint = "; or ".join(h for grad, h in mistakes if _same_grad(g, grad))  # each that fits
-        if not hint:
-            hint = (
-                "build the loss from torch operations on `logprobs`, without .detach() or .item()"
-                + _first_wrong_token(g, g_ref, mask, token)
-            )
-        raise CheckError(
-            f"`{name}` gives the right loss on case {i} (clip={clip}) but the wrong gradient with respect to "
-            f"`logprobs`, which is what trains the policy: {hint}"
-        )
+        _wrong_gradient(name, i, clip, g, g_ref, mask, token, mistakes, "logprobs", "the policy")
     passed(f"`{name}`: ratio 1 at the rollout, clipped both ways, pessimistic max, masked mean (4 cases)")
 
 
@@ -739,16 +746,7 @@ def check_ppo_value_loss(fn) -> None:
                 "the unclipped error (V - R)^2 is detached: both errors must carry `values`' gradient",
             ),
         ]
-        hint = "; or ".join(h for grad, h in mistakes if _same_grad(g, grad))  # each that fits
-        if not hint:
-            hint = (
-                "build the loss from torch operations on `values`, without .detach() or .item()"
-                + _first_wrong_token(g, g_ref, mask, token)
-            )
-        raise CheckError(
-            f"`{name}` gives the right loss on case {i} (clip={clip}) but the wrong gradient with respect to "
-            f"`values`, which is what trains the value model: {hint}"
-        )
+        _wrong_gradient(name, i, clip, g, g_ref, mask, token, mistakes, "values", "the value model")
     passed(
         f"`{name}`: squared error to the returns, clipped around the old values, pessimistic, "
         "masked (3 cases)"

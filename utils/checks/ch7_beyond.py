@@ -469,7 +469,7 @@ def check_expected_k3_gradients(fn) -> None:
     ``y ~ softmax(theta)`` of the gradient (with respect to ``theta``) of k3 at the token ``y``, and of
     ``rho * k3`` with ``rho = pi(y) / pi_old(y)``, ``pi_old`` the same policy detached. Checked on
     three softmaxes of different sizes in float64 against the course's, with the usual slips named."""
-    from ..grpo import expected_k3_gradients
+    from ..grpo import expected_k3_gradients, k3_token_gradients
 
     name = getattr(fn, "__name__", "expected_k3_gradients")
     for theta, ref in _softmax_cases():
@@ -494,8 +494,7 @@ def check_expected_k3_gradients(fn) -> None:
             raise CheckError(
                 f"`{name}` returned the pair the wrong way round {where}: k3's first, then rho * k3's"
             )
-        per_token = _per_token_k3_gradients(theta, ref)
-        uniform = [sum(g[y] / v for y in range(v)) for g in per_token]
+        uniform = [sum(k3_token_gradients(theta, ref, r)) / v for r in (False, True)]
         if any(torch.allclose(a, u, atol=1e-9) for a, u in zip(got, uniform)):
             hint = "the expectation is over y ~ pi: weight each token's gradient by pi(y), not 1/V"
         elif torch.allclose(got[0], _kl_gradient(theta, ref, forward=False), atol=1e-9):
@@ -517,24 +516,6 @@ def check_expected_k3_gradients(fn) -> None:
             )
         raise CheckError(f"`{name}` is wrong {where}: {hint}")
     passed(f"`{name}`: E[grad k3] and E[grad rho*k3] exact on 3 softmaxes")
-
-
-def _per_token_k3_gradients(theta, ref):
-    """For each of the two losses, the list of each token's gradient (unweighted)."""
-    from ..grpo import kl_k3
-
-    out = []
-    for with_ratio in (False, True):
-        grads = []
-        for y in range(theta.shape[0]):
-            th = theta.detach().clone().requires_grad_(True)
-            logp = torch.log_softmax(th, -1)[y]
-            loss = kl_k3(logp, ref[y])
-            if with_ratio:
-                loss = torch.exp(logp - logp.detach()) * loss
-            grads.append(torch.autograd.grad(loss, th)[0])
-        out.append(grads)
-    return out
 
 
 @continues_with("from utils.grpo import grpo_loss")
