@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # --- the course's own implementation is not the learner's ------------------------------------------
 @pytest.mark.parametrize("name", EXERCISES)
 def test_a_checker_refuses_the_courses_own_implementation(name):
-    line, fn = _continuation(name)  # what a stuck learner imports to go on
+    line, functions = _continuation(name)  # what a stuck learner imports to go on
     with references_allowed(False), pytest.raises(CheckError, match="the course's own") as failure:
-        getattr(checks, name)(fn)
+        getattr(checks, name)(*functions)
     assert "write" in str(failure.value)
 
 

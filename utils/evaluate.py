@@ -208,6 +208,26 @@ def mean_difference(values_a, values_b, n_boot: int = 2000, seed: int = 0) -> di
     return {"difference": float((a - b).mean()), **_bootstrap_interval(a - b, n_boot, seed)}
 
 
+def per_token_mean(values, mask, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """The mean of per-token ``values`` ``[B, T]`` over the tokens ``mask`` marks, with a 95% bootstrap
+    interval that resamples the ``B`` answers whole (one answer's tokens are not independent draws):
+    ``{"mean", "low", "high"}``."""
+    values = torch.as_tensor(values, dtype=torch.float64).cpu()
+    mask = torch.as_tensor(mask).cpu().to(torch.float64)
+    if values.shape != mask.shape or values.ndim != 2 or mask.sum() == 0:
+        raise ValueError(f"need values and a non-empty mask of one [B, T] shape; got {list(values.shape)}")
+    values = torch.where(mask > 0, values, 0.0)  # padding may hold anything, inf included
+    sums, counts = values.sum(1).numpy(), mask.sum(1).numpy()
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, len(sums), size=(n_boot, len(sums)))
+    boots = sums[rows].sum(1) / counts[rows].sum(1)
+    return {
+        "mean": float(sums.sum() / counts.sum()),
+        "low": float(np.quantile(boots, 0.025)),
+        "high": float(np.quantile(boots, 0.975)),
+    }
+
+
 def best_of_n_kl(n: int) -> float:
     """``log n - (n - 1) / n``: an upper bound on KL(best-of-n || base) in nats for every ranker
     (Beirami et al. 2024), reached only in the limit where no single answer (no single score) has real

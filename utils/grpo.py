@@ -115,6 +115,42 @@ def grpo_loss(
     return masked_mean(per_token, mask)
 
 
+def per_answer_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+    beta: float = 0.04,
+) -> torch.Tensor:
+    """The GRPO paper's aggregation of :func:`grpo_loss`'s per-token terms: each answer's tokens
+    averaged, then the answers (TRL's ``loss_type="grpo"``). A token of a long answer weighs less
+    than one of a short answer: Dr. GRPO's length bias."""
+    rows = [
+        grpo_loss(logprobs[[i]], old_logprobs[[i]], ref_logprobs[[i]], advantages[[i]], mask[[i]], clip, beta)
+        for i in range(len(advantages))
+    ]
+    return torch.stack(rows).mean()
+
+
+def constant_norm_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+    beta: float = 0.04,
+    max_new_tokens: int = 40,  # GRPOSettings.max_new_tokens (a test keeps them equal)
+) -> torch.Tensor:
+    """Dr. GRPO's aggregation: every answer token's term summed, divided by a constant that does not
+    depend on the answers' lengths, the number of answers times ``max_new_tokens`` (TRL's
+    ``loss_type="dr_grpo"``, whose constant is ``max_completion_length``)."""
+    total = grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip, beta) * mask.sum()
+    return total / (len(advantages) * max_new_tokens)
+
+
 # --- the verifier ----------------------------------------------------------------------------
 def verify(conversation: list[dict], response: str, finished: bool = True) -> float:
     """1.0 if the answer is verifiably right, else 0.0: it ended its turn and, for a harmful request,

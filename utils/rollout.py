@@ -227,6 +227,18 @@ def rollout_from_ids(tokenizer, conversations, responses, finished=None, device=
     return _answered(tokenizer, conversations, enc, responses, finished, device)
 
 
+def token_distributions(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    """The model's whole next-token distribution at each response position of ``rollout``, as
+    log-probabilities ``[B, T, vocabulary]`` (the logits divided by ``temperature``). With two models'
+    distributions at the same sampled contexts, the KL at each position is exact: a sum over the
+    vocabulary instead of one sampled token (Chapter 7 checks the k1/k2/k3 estimators against it).
+    Padding positions hold a distribution too; mask them with ``rollout.response_mask``."""
+    inputs = rollout.model_inputs()
+    width = rollout.response.shape[1]
+    logits = model(**inputs, logits_to_keep=width + 1).logits[:, :-1].float() / temperature
+    return logits.log_softmax(-1)
+
+
 @torch.no_grad()
 def answer_logprobs(model, rollout: Rollout, temperature: float = 1.0, batch_size: int = 64) -> torch.Tensor:
     """``log pi(y | x)``: each answer's sampled tokens' log-probabilities summed, ``[B]`` (at

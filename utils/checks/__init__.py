@@ -51,6 +51,7 @@ from .ch7_beyond import (
     check_group_advantages,
     check_grpo_loss,
     check_kl_k3,
+    check_loss_aggregations,
     check_verifier,
     check_verifier_hack,
 )
@@ -107,6 +108,7 @@ __all__ = [
     "check_kl_k3",
     "check_expected_k3_gradients",
     "check_grpo_loss",
+    "check_loss_aggregations",
     "check_verifier",
     "check_verifier_hack",
 ]

@@ -580,7 +580,9 @@ def _check_loss_on(fn, name: str, args, where: str, hint: str | None = None) -> 
     _gradient_verdict(got, lp, args, name, where)
 
 
-def _compare_with_grpo_trainer(fn, name, policy, tokenizer, conversations, beta, group_size) -> str:
+def _compare_with_grpo_trainer(
+    fn, name, policy, tokenizer, conversations, beta, group_size, loss_type="dapo", max_new_tokens=None
+) -> str:
     """TRL's ``GRPOTrainer._compute_loss`` and the learner's loss on one batch sampled from ``policy``.
 
     Both losses get the log-probabilities TRL computes. The old log-probabilities are shifted (as
@@ -604,7 +606,8 @@ def _compare_with_grpo_trainer(fn, name, policy, tokenizer, conversations, beta,
         output_dir="/tmp/course-grpo-check",
         per_device_train_batch_size=len(roll),
         num_generations=group_size,
-        max_completion_length=roll.response.shape[1],
+        max_completion_length=max_new_tokens or roll.response.shape[1],  # dr_grpo's constant
+        loss_type=loss_type,
         beta=0.0,
         epsilon=0.2,
         report_to=[],
@@ -658,6 +661,123 @@ def _compare_with_grpo_trainer(fn, name, policy, tokenizer, conversations, beta,
     return (
         f", and equals trl.GRPOTrainer's (loss_type={args.loss_type!r}, use_bias_correction_kl=False) "
         f"on {len(roll)} sampled answers ({want:.5f})"
+    )
+
+
+# --- the loss's aggregation: the GRPO paper's and Dr. GRPO's -----------------------------------
+def _aggregated(args, how: str, max_new_tokens: int):
+    """The GRPO loss's per-token terms aggregated ``how``: ``"answer"`` (each answer's tokens averaged,
+    then the answers), ``"constant"`` (summed over answers x ``max_new_tokens``), ``"token"`` (over every
+    answer token of the batch), ``"width"`` (summed over answers x the batch's width)."""
+    logp, old, ref, adv, mask, clip, beta = args
+    if how == "answer":
+        return _grpo_reference(*args, token_mean=False)
+    token_mean = _grpo_reference(*args)
+    if how == "token":
+        return token_mean
+    per_answer = mask.shape[1] if how == "width" else max_new_tokens
+    return token_mean * mask.sum() / (len(adv) * per_answer)
+
+
+_AGGREGATIONS = {
+    "answer": (
+        "each answer's tokens averaged, then the answers",
+        {
+            "token": "you averaged over every answer token of the batch at once (DAPO's and TRL's default, "
+            "your grpo_loss); average each answer over its own tokens first, then the answers",
+            "constant": "you divided the sum by a constant (Dr. GRPO's); average each answer over its own "
+            "tokens first, then the answers",
+        },
+    ),
+    "constant": (
+        "the sum over every answer token divided by answers x max_new_tokens",
+        {
+            "token": "you divided by the number of answer tokens, which grows with the answers' lengths; "
+            "Dr. GRPO divides by a constant: the number of answers times max_new_tokens",
+            "answer": "you averaged each answer over its own tokens (the GRPO paper's 1/|o|, the bias Dr. "
+            "GRPO removes); sum every token's term and divide by answers x max_new_tokens",
+            "width": "you divided by the batch's width (mask.shape[1]), which is the longest answer in "
+            "this batch, not a constant; use max_new_tokens, the most tokens an answer may have",
+        },
+    ),
+}
+
+
+def _check_aggregation_on(fn, name: str, how: str, args, where: str, max_new_tokens: int) -> None:
+    words, mistakes = _AGGREGATIONS[how]
+    logp, old, ref, adv, mask, clip, beta = args
+    batch, seq = logp.shape
+    shapes = (
+        f"logprobs, old_logprobs, ref_logprobs and mask are [{batch}, {seq}] (answers x tokens); "
+        f"advantages is [{batch}]; return one number"
+    )
+    lp = logp.clone().requires_grad_(True)
+    got = _scalar(
+        _call(fn, name, shapes, lp, old.clone(), ref.clone(), adv.clone(), mask.clone(), clip, beta), name
+    )
+    _loss_verdict(
+        got,
+        _aggregated(args, how, max_new_tokens).float(),
+        name,
+        f"{where} where {words} is",
+        lambda: [
+            (_aggregated(args, other, max_new_tokens).float(), hint) for other, hint in mistakes.items()
+        ],
+        f"the per-token terms are your grpo_loss's; aggregate them as {words}",
+        ": the loss needs the gradient of the policy's log-probabilities",
+    )
+    (grad,) = torch.autograd.grad(got, lp, allow_unused=True)
+    leaf = logp.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(_aggregated((leaf, *args[1:]), how, max_new_tokens), leaf)
+    grad = torch.zeros_like(lp) if grad is None else grad.float()
+    scale = want.abs().max().clamp(min=1e-3)
+    if not torch.allclose(grad / scale, want / scale, rtol=1e-4, atol=1e-6):
+        raise CheckError(
+            f"`{name}` gives the right loss {where} but not its gradient with respect to `logprobs`: a piece "
+            "of it is detached (.detach(), .item(), a count turned into a tensor that carries the loss)"
+        )
+
+
+@continues_with("from utils.grpo import per_answer_loss, constant_norm_loss")
+def check_loss_aggregations(
+    per_answer_loss,
+    constant_norm_loss,
+    max_new_tokens: int = 40,
+    policy=None,
+    tokenizer=None,
+    conversations=None,
+) -> None:
+    """``per_answer_loss`` and ``constant_norm_loss``, each ``fn(logprobs, old_logprobs, ref_logprobs,
+    advantages[B], mask, clip, beta) -> scalar``: GRPO's per-token terms aggregated as the GRPO paper does
+    (each answer's tokens averaged, then the answers) and as Dr. GRPO does (summed, divided by answers x
+    ``max_new_tokens``).
+
+    Checked on the hand-made batches of answers of different lengths (where the aggregations differ),
+    with their own and other clips and betas, value and gradient; with a policy, a tokenizer and
+    conversations, also against ``trl.GRPOTrainer``'s ``loss_type="grpo"`` and ``"dr_grpo"`` on the same
+    sampled batch.
+    """
+    cases = _loss_cases()
+    trainer = []
+    for fn, how, loss_type in [
+        (per_answer_loss, "answer", "grpo"),
+        (constant_norm_loss, "constant", "dr_grpo"),
+    ]:
+        name = getattr(fn, "__name__", f"{how} loss")
+        for i, case in enumerate(cases):
+            _check_aggregation_on(fn, name, how, case, f"on case {i} (beta={case[6]})", max_new_tokens)
+        for i, (case, (clip, b)) in enumerate(zip(cases, _OTHER_OPTIONS)):
+            args = (*case[:5], clip, b)
+            _check_aggregation_on(fn, name, how, args, f"on case {i} (clip={clip}, beta={b})", max_new_tokens)
+        if policy is not None:
+            trainer.append(
+                _compare_with_grpo_trainer(
+                    fn, name, policy, tokenizer, conversations, 0.04, 4, loss_type, max_new_tokens
+                )
+            )
+    passed(
+        "`per_answer_loss` (the GRPO paper's) and `constant_norm_loss` (Dr. GRPO's) aggregate GRPO's loss "
+        "right on 3 batches of answers of different lengths" + "".join(trainer)
     )
 
 

@@ -1,0 +1,98 @@
+"""The solutions' prose quotes its run through myst-nb's glue (``utils.book.glue``): a number in a
+reading comes from the outputs it sits under, so re-executing a notebook on another machine updates
+its text. These tests hold the two ends together: every quoted name was glued by the committed run,
+no glued number is NaN, glue lives only in solution-only cells the book does not show, and Chapter
+7, whose readings are all glued, hard-codes none of its results."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_ask_before_telling import _markdown, results_in_prose
+
+from utils.book import GLUED, glue
+
+ROOT = Path(__file__).resolve().parent.parent
+SOLUTIONS = sorted((ROOT / "solutions").glob("*.ipynb"))
+QUOTE = re.compile(r"\{glue:text\}`([^`:]+)(?::[^`]*)?`")
+
+
+def _glued(nb: dict) -> dict[str, str]:
+    """name -> the text/plain the committed outputs hold for it."""
+    out = {}
+    for cell in nb["cells"]:
+        for o in cell.get("outputs", []) if cell["cell_type"] == "code" else []:
+            name = o.get("metadata", {}).get("scrapbook", {}).get("name")
+            if name:
+                plain = [v for k, v in o["data"].items() if k.endswith("text/plain")]
+                out[name] = "".join(plain[0])
+    return out
+
+
+def _quoted(nb: dict) -> set[str]:
+    return {m.group(1) for text in _markdown(nb) for m in QUOTE.finditer(text)}
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
+def test_every_quoted_name_was_glued_by_the_committed_run(path):
+    nb = json.loads(path.read_text())
+    missing = sorted(_quoted(nb) - set(_glued(nb)))
+    assert not missing, f"{path.name}: the text quotes names no cell glued: {missing}"
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
+def test_no_glued_number_is_nan(path):
+    glued = _glued(json.loads(path.read_text()))
+    bad = [k for k, v in glued.items() if v.strip() in ("nan", "inf", "-inf")]
+    assert not bad, f"{path.name}: glued values the book would print as nonsense: {bad}"
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
+def test_glue_lives_in_solution_only_cells(path):
+    nb = json.loads(path.read_text())
+    gluing = [
+        i
+        for i, c in enumerate(nb["cells"])
+        if c["cell_type"] == "code"
+        and "glue(" in "".join(c["source"])
+        and not {"solution-only", "remove-cell"} <= set(c.get("metadata", {}).get("tags", []))
+    ]
+    assert not gluing, (
+        f"{path.name}: cells {gluing} glue a reading; tag them solution-only (the student notebook "
+        "holds no reading) and remove-cell (the book shows the reading, not the gluing)"
+    )
+    student = json.loads((ROOT / "notebooks" / path.name).read_text())
+    assert not any("utils.book" in "".join(c["source"]) for c in student["cells"])
+
+
+def test_chapter_7_hard_codes_no_result_of_its_run():
+    nb = json.loads((ROOT / "solutions" / "07_beyond.ipynb").read_text())
+    assert _quoted(nb), "Chapter 7's readings quote their run through glue"
+    hits = results_in_prose(_markdown(nb), nb)
+    assert not hits, f"Chapter 7's prose hard-codes results of its run (cell, number): {hits}"
+    # the check can fail: one reading written with the table's number instead of its name
+    table = next(
+        "".join(o["data"]["text/plain"])
+        for c in nb["cells"]
+        if c["cell_type"] == "code"
+        for o in c.get("outputs", [])
+        if "kl_table" in "".join(c["source"]) and "text/plain" in o.get("data", {})
+    )
+    number = re.search(r"\d+\.\d{4}", table).group(0)
+    assert results_in_prose([f"k1 lands at {number} nats."], nb) == [(0, number)]
+
+
+def test_glue_turns_scalars_into_plain_numbers_and_refuses_other_types():
+    assert type(glue("test_np", np.float64(0.25))) is float
+    assert type(glue("test_torch", torch.tensor(3))) is int
+    assert glue("test_text", "PPO") == "PPO" and GLUED["test_np"] == 0.25
+    assert math.isnan(glue("test_nan", float("nan")))
+    for bad in ([0.1], {"a": 1}, True, np.arange(3)):
+        with pytest.raises(TypeError):
+            glue("test_bad", bad)
