@@ -147,10 +147,7 @@ def token_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> tuple[t
 def _token_logprobs(
     model, rollout: Rollout, temperature: float, entropy: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    inputs = rollout.model_inputs()
-    width = rollout.response.shape[1]  # the logits at position i predict token i + 1: keep the last width + 1
-    logits = model(**inputs, logits_to_keep=width + 1).logits[:, :-1].float() / temperature
-    logp_all = logits.log_softmax(-1)
+    logp_all = token_distributions(model, rollout, temperature)
     logp = torch.gather(logp_all, 2, rollout.response.unsqueeze(-1)).squeeze(-1)
     mask = rollout.response_mask
     if not entropy:
@@ -234,7 +231,7 @@ def token_distributions(model, rollout: Rollout, temperature: float = 1.0) -> to
     vocabulary instead of one sampled token (Chapter 7 checks the k1/k2/k3 estimators against it).
     Padding positions hold a distribution too; mask them with ``rollout.response_mask``."""
     inputs = rollout.model_inputs()
-    width = rollout.response.shape[1]
+    width = rollout.response.shape[1]  # the logits at position i predict token i + 1: keep the last width + 1
     logits = model(**inputs, logits_to_keep=width + 1).logits[:, :-1].float() / temperature
     return logits.log_softmax(-1)
 
