@@ -406,10 +406,13 @@ def _loss_mistakes(args):
         )
 
 
-def _gradient_verdict(got, lp, args, name: str, where: str) -> None:
-    """``got``'s gradient with respect to the log-probabilities equals the reference loss's: a term
-    computed from detached log-probabilities has the right value and no pull."""
-    from ..grpo import grpo_loss as reference
+def _gradient_verdict(
+    got, lp, args, name: str, where: str, reference=None, detached: str | None = None
+) -> None:
+    """``got``'s gradient with respect to the log-probabilities equals the reference loss's (GRPO's
+    token mean, or ``reference(logprobs)``): a term computed from detached log-probabilities has the
+    right value and no pull. ``detached`` replaces the closing hint."""
+    from ..grpo import grpo_loss
 
     (grad,) = torch.autograd.grad(got, lp, allow_unused=True)
     grad = torch.zeros_like(lp) if grad is None else grad.float()
@@ -418,7 +421,7 @@ def _gradient_verdict(got, lp, args, name: str, where: str) -> None:
         leaf = args[0].clone().requires_grad_(True)
         return torch.autograd.grad(loss_of_leaf(leaf), leaf, allow_unused=True)[0]
 
-    want = grad_of(lambda leaf: reference(leaf, *args[1:]))
+    want = grad_of(reference or (lambda leaf: grpo_loss(leaf, *args[1:])))
     scale = want.abs().max().clamp(min=1e-3)
     if torch.allclose(grad / scale, want / scale, rtol=1e-4, atol=1e-6):
         return
@@ -435,9 +438,12 @@ def _gradient_verdict(got, lp, args, name: str, where: str) -> None:
             "log-probabilities, so the advantages never move the policy",
         ),
     ]
+    if reference is not None:  # the GRPO loss's own pieces explain only its own gradient
+        candidates = []
     hint = next(
         (h for f, h in candidates if torch.allclose(grad / scale, grad_of(f) / scale, rtol=1e-4, atol=1e-6)),
-        "a piece of the loss is detached (.detach(), .data, a clipped ratio taken out of the graph) or "
+        detached
+        or "a piece of the loss is detached (.detach(), .data, a clipped ratio taken out of the graph) or "
         "rebuilt from plain numbers",
     )
     raise CheckError(
@@ -553,18 +559,28 @@ def check_grpo_loss(
     passed(f"`{name}` matches GRPO's loss on 3 hand-made batches (clipping, k3, padding)" + trainer)
 
 
-def _check_loss_on(fn, name: str, args, where: str, hint: str | None = None) -> None:
-    """The learner's loss on one batch and its options: its value, then its gradient."""
+def _learners_loss(fn, name: str, args, advantages_note: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """The learner's loss on one batch and its options, and the log-probabilities it was given (a
+    leaf, for its gradient)."""
     logp, old, ref, adv, mask, clip, beta = args
     batch, seq = logp.shape
     shapes = (
         f"logprobs, old_logprobs, ref_logprobs and mask are [{batch}, {seq}] (answers x tokens); "
-        f"advantages is [{batch}], one per answer: advantages.unsqueeze(1) ([{batch}, 1]) broadcasts it "
-        "over the answer's tokens; return one number"
+        f"advantages is [{batch}]{advantages_note}; return one number"
     )
     lp = logp.clone().requires_grad_(True)
-    got = _scalar(
-        _call(fn, name, shapes, lp, old.clone(), ref.clone(), adv.clone(), mask.clone(), clip, beta), name
+    got = _call(fn, name, shapes, lp, old.clone(), ref.clone(), adv.clone(), mask.clone(), clip, beta)
+    return _scalar(got, name), lp
+
+
+def _check_loss_on(fn, name: str, args, where: str, hint: str | None = None) -> None:
+    """The learner's loss on one batch and its options: its value, then its gradient."""
+    batch = args[0].shape[0]
+    got, lp = _learners_loss(
+        fn,
+        name,
+        args,
+        f", one per answer: advantages.unsqueeze(1) ([{batch}, 1]) broadcasts it over the answer's tokens",
     )
     _loss_verdict(
         got,
@@ -705,16 +721,7 @@ _AGGREGATIONS = {
 
 def _check_aggregation_on(fn, name: str, how: str, args, where: str, max_new_tokens: int) -> None:
     words, mistakes = _AGGREGATIONS[how]
-    logp, old, ref, adv, mask, clip, beta = args
-    batch, seq = logp.shape
-    shapes = (
-        f"logprobs, old_logprobs, ref_logprobs and mask are [{batch}, {seq}] (answers x tokens); "
-        f"advantages is [{batch}]; return one number"
-    )
-    lp = logp.clone().requires_grad_(True)
-    got = _scalar(
-        _call(fn, name, shapes, lp, old.clone(), ref.clone(), adv.clone(), mask.clone(), clip, beta), name
-    )
+    got, lp = _learners_loss(fn, name, args)
     _loss_verdict(
         got,
         _aggregated(args, how, max_new_tokens).float(),
@@ -726,16 +733,16 @@ def _check_aggregation_on(fn, name: str, how: str, args, where: str, max_new_tok
         f"the per-token terms are your grpo_loss's; aggregate them as {words}",
         ": the loss needs the gradient of the policy's log-probabilities",
     )
-    (grad,) = torch.autograd.grad(got, lp, allow_unused=True)
-    leaf = logp.clone().requires_grad_(True)
-    (want,) = torch.autograd.grad(_aggregated((leaf, *args[1:]), how, max_new_tokens), leaf)
-    grad = torch.zeros_like(lp) if grad is None else grad.float()
-    scale = want.abs().max().clamp(min=1e-3)
-    if not torch.allclose(grad / scale, want / scale, rtol=1e-4, atol=1e-6):
-        raise CheckError(
-            f"`{name}` gives the right loss {where} but not its gradient with respect to `logprobs`: a piece "
-            "of it is detached (.detach(), .item(), a count turned into a tensor that carries the loss)"
-        )
+    _gradient_verdict(
+        got,
+        lp,
+        args,
+        name,
+        where,
+        reference=lambda leaf: _aggregated((leaf, *args[1:]), how, max_new_tokens),
+        detached="a piece of it is detached (.detach(), .item(), a count turned into a tensor that "
+        "carries the loss)",
+    )
 
 
 @continues_with("from utils.grpo import per_answer_loss, constant_norm_loss")
