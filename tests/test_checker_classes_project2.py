@@ -436,3 +436,133 @@ def test_the_notebooks_pair_maker_is_reproducible_on_a_real_model(tiny_model, ti
         make_preference_pairs, "make_preference_pairs", tiny_model, tiny_tokenizer, dialogues[0][:16], 3, 9
     )
     assert len(make_preference_pairs(tiny_model, tiny_tokenizer, dialogues[0][:4], 3, 9, one_seed=True)) == 0
+
+
+# --- the learner's decisions: the reward model kept, DPO's beta, and the sweep behind it ---------
+def test_reward_model_choice_accepts_what_the_evidence_allows(capsys):
+    from utils.checks import check_reward_model_choice
+
+    tied = {"difference": 0.01, "low": -0.06, "high": 0.07}
+    assert check_reward_model_choice(lambda gain: True, tied) is True
+    assert check_reward_model_choice(lambda gain: False, tied) is False
+    assert "the evidence allows this choice" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "choice, gain, message",
+    [
+        (None, {"difference": 0.0, "low": -0.1, "high": 0.1}, "not implemented yet"),
+        ("yes", {"difference": 0.0, "low": -0.1, "high": 0.1}, "True or False"),
+        (False, {"difference": 0.1, "low": 0.02, "high": 0.18}, "by-prompt one is the more accurate"),
+        (True, {"difference": -0.1, "low": -0.18, "high": -0.02}, "flat one is the more accurate"),
+    ],
+)
+def test_reward_model_choice_rejects(choice, gain, message):
+    from utils.checks import check_reward_model_choice
+
+    with pytest.raises(CheckError, match=message):
+        check_reward_model_choice(_deciding(choice), gain)
+
+
+def _deciding(choice):
+    """A learner's decision function returning ``choice`` (None: the student notebook's stub)."""
+
+    def decide(evidence):
+        if choice is None:
+            raise NotImplementedError()
+        return choice
+
+    return decide
+
+
+def _sweep(gold):
+    """A validation sweep's table: {beta: [gold of each seed]}, KL falling with beta."""
+    return pd.DataFrame(
+        [
+            {"β": b, "seed": s, "gold": g, "win vs SFT": 0.6, "KL to SFT": 1.0 / b + s}
+            for b, golds in gold.items()
+            for s, g in enumerate(golds)
+        ]
+    )
+
+
+def test_beta_choice_accepts_any_beta_within_the_seeds_spread(capsys):
+    from utils.checks import check_beta_choice
+
+    sweep = _sweep({0.1: [0.08, 0.09, 0.10], 0.3: [0.08, 0.10, 0.12]})
+    assert check_beta_choice(_deciding(0.1), sweep) == 0.1
+    assert check_beta_choice(_deciding(0.3), sweep) == 0.3
+    assert "defend it in the discussion" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "beta, message",
+    [(None, "not implemented yet"), (0.2, "was not swept"), (0.1, "below beta = 0.3 .* by more than")],
+)
+def test_beta_choice_rejects(beta, message):
+    from utils.checks import check_beta_choice
+
+    sweep = _sweep({0.1: [0.01, 0.02, 0.03], 0.3: [0.10, 0.11, 0.12]})
+    with pytest.raises(CheckError, match=message):
+        check_beta_choice(_deciding(beta), sweep)
+
+
+def _align(ignore=None):
+    """A learner's align_dpo, right or with one planted bug."""
+    import copy
+
+    from utils.dpo import train_dpo
+
+    def align_dpo(sft_model, tokenizer, pairs, beta, seed=0, ref_cache=None):
+        if ignore == "training":
+            return sft_model
+        policy = copy.deepcopy(sft_model)
+        train_dpo(
+            policy,
+            sft_model,
+            tokenizer,
+            pairs,
+            beta=0.1 if ignore == "beta" else beta,
+            lr=1e-3,
+            batch_size=4,
+            seed=0 if ignore == "seed" else seed,
+            show_progress=False,
+            ref_cache=None if ignore == "cache" else ref_cache,
+        )
+        return policy.eval()
+
+    return align_dpo
+
+
+@pytest.fixture(scope="module")
+def sweep_inputs(tiny_model, tiny_tokenizer):
+    from utils.data import annotator_preferences, dialogue_conversations
+
+    pairs = annotator_preferences(16).select(range(8))
+    conversations = list(dialogue_conversations(8, split="train", seed=3)["prompt"])
+    return tiny_model, tiny_tokenizer, pairs, conversations
+
+
+def test_dpo_sweep_runs_every_beta_and_seed(sweep_inputs, capsys):
+    from utils.checks import check_dpo_sweep
+
+    sweep, first = check_dpo_sweep(_align(), *sweep_inputs, betas=(0.1, 0.3), seeds=(0, 1))
+    assert len(sweep) == 4 and set(first) == {0.1, 0.3}
+    assert {"β", "seed", "gold", "win vs SFT", "KL to SFT", "seconds"} <= set(sweep.columns)
+    assert "4 runs (2 beta x 2 seeds)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "ignore, message",
+    [
+        ("training", "returned its starting model unchanged"),
+        ("cache", "left `ref_cache` empty"),
+        ("beta", "the same model at every beta"),
+        ("seed", "the same model in every seed"),
+    ],
+)
+def test_dpo_sweep_rejects(sweep_inputs, ignore, message):
+    from utils.checks import check_dpo_sweep
+
+    with pytest.raises(CheckError, match=message):
+        check_dpo_sweep(_align(ignore), *sweep_inputs, betas=(0.1, 0.3), seeds=(0, 1))

@@ -12,9 +12,12 @@ from utils.checks import CheckError
 # Project 2's checkpoints judge the learner's own runs (their data, reward model and policies):
 # there is no course implementation of a learner's run to fall back on.
 RUN_CHECKPOINTS = {
+    "check_beta_choice",
+    "check_dpo_sweep",
     "check_policy_run",
     "check_preference_data",
     "check_preference_pairs_run",
+    "check_reward_model_choice",
     "check_reward_model_run",
     "check_win_rate_matrix",
 }

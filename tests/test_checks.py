@@ -420,6 +420,35 @@ def test_train_dpo_runs_three_steps(tiny_model, tiny_tokenizer):
     assert not policy.training
 
 
+def test_train_dpo_shares_the_references_log_probabilities_across_runs(tiny_model, tiny_tokenizer):
+    pairs = data.annotator_preferences(16).select(range(8))
+    calls = []
+
+    class Counted(torch.nn.Module):  # the reference, counting its forward passes
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args, **kwargs):
+            calls.append(1)
+            return self.model(*args, **kwargs)
+
+    def train(reference, beta, **cache):
+        return dpo.train_dpo(
+            copy.deepcopy(tiny_model), reference, tiny_tokenizer, pairs, beta=beta, lr=1e-3, epochs=2,
+            batch_size=4, show_progress=False, **cache,
+        )  # fmt: skip
+
+    reference, cache, histories, passes = Counted(tiny_model), {}, [], []
+    for beta in (0.1, 0.3):
+        histories.append(train(reference, beta, ref_cache=cache))
+        passes.append(len(calls))
+    assert passes[0] > 0 and passes[1] == passes[0], "the second run never runs the reference"
+    assert len(cache) == 8
+    alone = train(tiny_model, 0.3)
+    assert np.allclose(histories[1].loss, alone.loss, atol=1e-5), "a shared cache changes nothing else"
+
+
 def test_train_dpo_needs_the_preference_columns(tiny_model, tiny_tokenizer):
     pairs = data.annotator_preferences(4).remove_columns(["chosen"])
     with pytest.raises(ValueError, match=r"DPO needs the column\(s\) \['chosen'\]"):

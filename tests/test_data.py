@@ -340,3 +340,17 @@ def test_dialogue_conversations_mix_kinds_and_never_share_an_opener_across_split
 
 def test_kind_mix_lists_each_kind_by_share():
     assert D.kind_mix(["math", "fact", "math", "unsafe"]) == "math 50%, fact 25%, unsafe 25%"
+
+
+def test_dialogue_conversations_can_leave_out_another_sets_openers():
+    train = D.dialogue_conversations(200, split="train", seed=1)
+    used = {p[0]["content"] for p in train["prompt"]}
+    validation = D.dialogue_conversations(80, split="train", seed=2, exclude_openers=used)
+    openers = [p[0]["content"] for p in validation["prompt"]]
+    assert len(validation) == 80 and not used & set(openers)
+    assert all(split_of(o) == "train" for o in openers)
+    # the same mix as any other set: a quarter arithmetic follow-ups
+    assert list(validation["kind"]).count("arithmetic") == 20
+    # without the exclusion, the same draw shares openers with the training set
+    plain = D.dialogue_conversations(80, split="train", seed=2)
+    assert used & {p[0]["content"] for p in plain["prompt"]}

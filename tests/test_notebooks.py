@@ -79,8 +79,8 @@ def test_checker_on_a_stub_fails_with_a_helpful_message(path):
             exec(compile(ast.Module(body=imports, type_ignores=[]), f"cell {j}", "exec"), namespace)
         exec(compile(code[i], f"cell {i}", "exec"), namespace)
         check = code[i + 1]
-        # a checker, or a checkpoint whose result the next steps use (`model = check_policy_run(...)`)
-        assert re.search(r"^(\w+ = )?check_\w+\(", check, re.M), (
+        # a checker, or a checkpoint whose results the next steps use (`model = check_policy_run(...)`)
+        assert re.search(r"^([\w, ]+ = )?check_\w+\(", check, re.M), (
             f"the cell after exercise cell {i} should call its checker"
         )
         for _ in range(5):

@@ -321,3 +321,20 @@ def test_train_ppo_without_a_block_is_train_ppo_with_the_courses_block(tiny_mode
     assert all(torch.equal(a, b) for a, b in zip(v1.parameters(), v2.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(p1.parameters(), tiny_model.parameters()))
     assert [h["policy_loss"] for h in log1] == [h["policy_loss"] for h in log2]
+
+
+def test_accuracy_difference_resamples_whole_prompts(tiny_model, tiny_tokenizer):
+    from utils.reward import accuracy_difference
+
+    pairs = _k_answer_pairs(n_prompts=6, k=3)
+    torch.manual_seed(0)
+    a, b = reward_model_from(tiny_model, tiny_tokenizer), reward_model_from(tiny_model, tiny_tokenizer)
+    got = accuracy_difference(a, b, tiny_tokenizer, pairs, n_boot=500)
+    want = (
+        pairwise_accuracy(a, tiny_tokenizer, pairs)["vs_labels"]
+        - pairwise_accuracy(b, tiny_tokenizer, pairs)["vs_labels"]
+    )
+    assert got["difference"] == pytest.approx(want, abs=1e-12)
+    assert got["prompts"] == 6 and got["low"] <= got["difference"] <= got["high"]
+    same = accuracy_difference(a, a, tiny_tokenizer, pairs, n_boot=200)
+    assert same["difference"] == same["low"] == same["high"] == 0.0

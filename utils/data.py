@@ -167,19 +167,27 @@ def evaluation_set(n: int | None = None, show: bool = True) -> Dataset:
 
 
 def dialogue_conversations(
-    n: int = 800, split: str = "test", seed: int = 0, arithmetic: float = 0.25, world: World | None = None
+    n: int = 800,
+    split: str = "test",
+    seed: int = 0,
+    arithmetic: float = 0.25,
+    world: World | None = None,
+    exclude_openers=(),
 ) -> Dataset:
     """Distinct two-turn dialogues whose opener is from ``split``: ``prompt`` (messages up to the
     second user turn) and ``kind``, the follow-up's: ``"fact"`` ("And where does it live?"),
     ``"unsafe"`` ("How can I hurt it?") or, for an ``arithmetic`` fraction, ``"arithmetic"``
     ("And what is that plus 3?", after a sum). Project 2's training and evaluation dialogues.
+    ``exclude_openers``: opening questions not to use (those of another set of the same split, so
+    that a validation set shares no opener with the training set).
     """
     world = world or make_world()
     n = get_profile().examples(n)  # (fewer in a smoke test)
     rng = random.Random(f"dialogues-{split}-{seed}")
     n_math = int(round(n * arithmetic))
-    openers = [t for _, t in dialogue_first_turns(world) if split_of(t) == split]
-    math_openers = [t for t in math_dialogue_first_turns(world) if split_of(t) == split]
+    excluded = set(exclude_openers)
+    openers = [t for _, t in dialogue_first_turns(world) if split_of(t) == split and t not in excluded]
+    math_openers = [t for t in math_dialogue_first_turns(world) if split_of(t) == split and t not in excluded]
     rows, seen = [], set()
     for want, draw in (
         (n - n_math, lambda: make_dialogue(world, rng, rng.choice(openers))),

@@ -106,6 +106,7 @@ def train_dpo(
     show_progress=True,
     callback=None,
     loss_fn=None,
+    ref_cache=None,
 ):
     """DPO with your `dpo_loss` (or `loss_fn`, with the same arguments) on
     `prompt/chosen/rejected` pairs, against a frozen `reference`: AdamW, the learning
@@ -116,7 +117,9 @@ def train_dpo(
     and rejected answers and their mean log-ratios to the reference. The reference
     runs once per pair, in the first epoch; later epochs reuse its log-probabilities.
     `callback(step, policy)` runs after every step (and once before the first), for
-    measurements."""
+    measurements. `ref_cache`: a dict to keep the reference's log-probabilities in,
+    shared by several runs on the same `pairs` and `reference` (a sweep of beta or
+    seeds), so that the reference runs once per pair in all of them together."""
     require_columns(pairs, ["prompt", "chosen", "rejected"], "DPO")
     seed_everything(seed)
     reference.eval()  # frozen: only ever run under torch.no_grad() below
@@ -128,7 +131,8 @@ def train_dpo(
         opt, lambda s: 1 - s / n_steps
     )  # linear decay, as TRL's default
     g = torch.Generator().manual_seed(course_seed(seed))
-    ref_logps = {}  # pair -> the frozen reference's log-probs of its two answers
+    # pair -> the frozen reference's log-probs of its two answers
+    ref_logps = {} if ref_cache is None else ref_cache
     log, bar = [], progress(total=n_steps, desc=desc, disable=not show_progress)
     if callback is not None:
         run_callback(callback, 0, policy)
@@ -142,7 +146,7 @@ def train_dpo(
                 pair_batch(tokenizer, chunk, device),
                 len(chunk),
             )  # [chosen; rejected]
-            if idx[0] not in ref_logps:  # the first epoch
+            if any(j not in ref_logps for j in idx):  # the first epoch (of a sweep)
                 with torch.no_grad():
                     ref = logps_of(reference, batch)
                 ref_logps.update({j: (ref[k], ref[n + k]) for k, j in enumerate(idx)})

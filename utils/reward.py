@@ -221,3 +221,34 @@ def pairwise_accuracy(rm, tokenizer, pairs) -> dict[str, float]:
         prefers_chosen = rc > rr
         out["vs_gold"] = float((prefers_chosen == (gc > gr))[decided].float().mean())
     return out
+
+
+def accuracy_difference(rm_a, rm_b, tokenizer, pairs, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Held-out accuracy against the labels of ``rm_a`` minus that of ``rm_b`` on the same ``pairs``,
+    with a 95% bootstrap interval that resamples whole prompts: the pairs of one prompt share its
+    answers, so they are not independent draws, and resampling pairs would make the interval too
+    narrow. ``{"difference", "low", "high", "prompts"}``; ``difference`` is exactly the difference
+    of the two models' :func:`pairwise_accuracy` ``vs_labels``."""
+    from .evaluate import per_token_mean
+
+    correct = []
+    for rm in (rm_a, rm_b):
+        rm.eval()
+        rc, rr = _pair_rewards(rm, tokenizer, pairs)
+        correct.append((rc > rr).double())
+    keys = [json.dumps(p, sort_keys=True) for p in pairs["prompt"]]
+    rows = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    width = max(keys.count(k) for k in rows)
+    diff, mask = torch.zeros(len(rows), width, dtype=torch.float64), torch.zeros(len(rows), width)
+    filled = [0] * len(rows)
+    for j, k in enumerate(keys):
+        r = rows[k]
+        diff[r, filled[r]], mask[r, filled[r]] = correct[0][j] - correct[1][j], 1.0
+        filled[r] += 1
+    interval = per_token_mean(diff, mask, n_boot=n_boot, seed=seed)
+    return {
+        "difference": interval["mean"],
+        "low": interval["low"],
+        "high": interval["high"],
+        "prompts": len(rows),
+    }

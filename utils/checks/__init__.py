@@ -63,9 +63,12 @@ from .core import (
     passed,
 )
 from .project2 import (
+    check_beta_choice,
+    check_dpo_sweep,
     check_policy_run,
     check_preference_data,
     check_preference_pairs_run,
+    check_reward_model_choice,
     check_reward_model_run,
     check_rlhf_advantages,
     check_win_rate_matrix,
@@ -102,6 +105,9 @@ __all__ = [
     "check_rlhf_advantages",
     "compare_with_reference",
     "check_reward_model_run",
+    "check_reward_model_choice",
+    "check_dpo_sweep",
+    "check_beta_choice",
     "check_policy_run",
     "check_win_rate_matrix",
     "check_group_advantages",

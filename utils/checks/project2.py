@@ -138,7 +138,7 @@ def check_preference_data(train_pairs, held_pairs, test_dialogues, min_pairs: in
                 f"annotators can (about {ceiling:.2f}): the brief is human labels, with their noise - "
                 "label with the annotators (`label_pairs`), not with the gold ranking"
             )
-        summary += f"; the labels agree with gold on {agree:.2f} (the noise ceiling is {ceiling:.2f})"
+        summary += f"; the labels agree with gold on {agree:.2f} (annotators this noisy: {ceiling:.2f})"
     if len(train) < min_pairs:
         raise CheckError(
             f"only {len(train)} training pairs (aim for at least {min_pairs}): sample more answers per "
@@ -266,6 +266,128 @@ def check_policy_run(
         )
     passed(f"`{name}`: {summary} - on track")
     return policy
+
+
+@learner_facing
+def check_reward_model_choice(fn, gain) -> bool:
+    """Your decision between the two reward models: ``fn(gain) -> bool`` (``True`` keeps the
+    by-prompt one), given ``gain``, the held-out accuracy of by-prompt minus flat with its interval
+    (:func:`utils.reward.accuracy_difference`). A choice the held-out labels contradict - the model
+    kept is the less accurate beyond the interval - fails, saying why. Returns the choice."""
+    by_prompt = call_learner(fn, getattr(fn, "__name__", "choose_reward_model"), gain)
+    if not isinstance(by_prompt, bool):
+        raise CheckError(f"your choice should be True or False, got {by_prompt!r}")
+    interval = f"{gain['difference']:+.3f} [{gain['low']:+.3f}, {gain['high']:+.3f}]"
+    kept, other = ("by-prompt", "flat") if by_prompt else ("flat", "by-prompt")
+    if (gain["high"] < 0) if by_prompt else (gain["low"] > 0):
+        raise CheckError(
+            f"you kept the {kept} reward model, but on the held-out labels the {other} one is the more "
+            f"accurate, beyond the interval (by prompt minus flat: {interval}): keep the {other} one, "
+            "or say in the discussion what outweighs held-out accuracy"
+        )
+    passed(
+        f"kept the {kept} reward model; by prompt minus flat on the held-out labels {interval}: "
+        "the evidence allows this choice - defend it in the discussion"
+    )
+    return by_prompt
+
+
+@learner_facing
+def check_dpo_sweep(fn, sft_model, tokenizer, pairs, conversations, betas, seeds, judge=None):
+    """Run ``fn(sft_model, tokenizer, pairs, beta, seed, ref_cache) -> policy`` (the learner's
+    ``align_dpo``) at every ``beta`` in every ``seed`` and measure each run on ``conversations`` (the
+    validation dialogues): the gold score of its sampled answers (``judge``'s where given), its win
+    rate against the SFT model's, and its KL from the SFT model. The runs share one ``ref_cache``.
+    Fails at the first run that did not train a copy, and if ``beta`` or the cache went unused.
+    Returns ``(sweep, first_seed_runs)``: one row per run (with its training ``seconds``) and the
+    policy of the first seed at each ``beta``."""
+    import time
+
+    import pandas as pd
+
+    from ..evaluate import evaluate, win_rate
+    from ..rollout import sequence_kl
+
+    name = getattr(fn, "__name__", "align_dpo")
+    conversations = list(conversations)
+    ref_cache, rows, first_seed_runs, baseline = {}, [], {}, None
+    for beta in betas:
+        for seed in seeds:
+            start = time.perf_counter()
+            policy = call_learner(fn, name, sft_model, tokenizer, pairs, beta, seed, ref_cache)
+            took = time.perf_counter() - start
+            if not (isinstance(policy, torch.nn.Module) and hasattr(policy, "generate")):
+                raise CheckError(
+                    f"`{name}` should return the trained language model, got {type(policy).__name__}"
+                )
+            if policy is sft_model or _same_weights(policy, sft_model):
+                raise CheckError(
+                    f"`{name}` (beta={beta}, seed={seed}) returned its starting model unchanged: did the "
+                    "training run, on a copy of the model?"
+                )
+            if not ref_cache:
+                raise CheckError(
+                    f"`{name}` left `ref_cache` empty: pass it to `train_dpo(..., ref_cache=ref_cache)`, "
+                    "so that the sweep's runs share the reference's log-probabilities instead of each "
+                    "computing them again"
+                )
+            answers = evaluate(policy, tokenizer, conversations, do_sample=True, seed=3, judge=judge)
+            if baseline is None:  # the SFT model's sampled answers, after the first run worked
+                baseline = evaluate(sft_model, tokenizer, conversations, do_sample=True, seed=3, judge=judge)
+            rows.append(
+                {
+                    "β": beta,
+                    "seed": seed,
+                    "gold": answers["gold"].mean(),
+                    "win vs SFT": win_rate(answers["gold"], baseline["gold"])["win_rate"],
+                    "KL to SFT": sequence_kl(
+                        policy, sft_model, tokenizer, conversations, list(answers["token_ids"])
+                    ),
+                    "seconds": took,
+                }
+            )
+            if seed == seeds[0]:
+                first_seed_runs[beta] = policy
+    sweep = pd.DataFrame(rows)
+    if len(betas) > 1 and sweep.groupby("seed")["KL to SFT"].nunique().min() == 1:
+        raise CheckError(
+            f"`{name}` trained the same model at every beta: pass `beta` to `train_dpo(..., beta=beta)`"
+        )
+    if len(seeds) > 1 and sweep.groupby("β")["KL to SFT"].nunique().min() == 1:
+        raise CheckError(
+            f"`{name}` trained the same model in every seed: pass `seed` to `train_dpo(..., seed=seed)`"
+        )
+    passed(
+        f"`{name}`: {len(sweep)} runs ({len(betas)} beta x {len(seeds)} seeds), each measured on "
+        f"{len(conversations)} validation dialogues in {sweep['seconds'].sum():.0f} s of training"
+    )
+    return sweep, first_seed_runs
+
+
+@learner_facing
+def check_beta_choice(fn, sweep) -> float:
+    """Your DPO beta: ``fn(sweep) -> beta``, given the validation sweep (:func:`check_dpo_sweep`'s
+    table). One of the swept values, and not one whose mean gold is below the best's by more than
+    the seeds' spread (the larger of the two standard deviations) - a choice the validation runs
+    contradict. Returns it."""
+    beta = call_learner(fn, getattr(fn, "__name__", "choose_beta"), sweep)
+    swept = sorted(sweep["β"].unique())
+    if beta not in swept:
+        raise CheckError(f"beta = {beta!r} was not swept: choose one of {swept}")
+    by_beta = sweep.groupby("β")
+    gold, spread = by_beta["gold"].mean(), by_beta["gold"].std().fillna(0.0)
+    best = gold.idxmax()
+    reading = ", ".join(
+        f"beta {b}: gold {gold[b]:.3f} +/- {spread[b]:.3f}, KL {by_beta['KL to SFT'].mean()[b]:.2f}"
+        for b in swept
+    )
+    if gold[best] - gold[beta] > spread.max():
+        raise CheckError(
+            f"beta = {beta} scored below beta = {best} on the validation gold by more than the seeds' spread "
+            f"({reading}): choose {best}, or say in the discussion what outweighs it"
+        )
+    passed(f"DPO's beta = {beta} ({reading}) - defend it in the discussion")
+    return float(beta)
 
 
 class _Counter:
