@@ -2,7 +2,7 @@
 reading comes from the outputs it sits under, so re-executing a notebook on another machine updates
 its text. These tests hold the two ends together: every quoted name was glued by the committed run,
 no glued number is NaN, glue lives only in solution-only cells the book does not show, and Chapter
-7, whose readings are all glued, hard-codes none of its results."""
+7 and Project 2, whose readings are all glued, hard-code none of their results."""
 
 from __future__ import annotations
 
@@ -47,6 +47,20 @@ def test_every_quoted_name_was_glued_by_the_committed_run(path):
 
 
 @pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
+def test_no_name_is_glued_twice(path):
+    """myst-nb warns (an error under -W) and the text may quote the wrong one of the two."""
+    nb = json.loads(path.read_text())
+    names = [
+        o.get("metadata", {}).get("scrapbook", {}).get("name")
+        for c in nb["cells"]
+        if c["cell_type"] == "code"
+        for o in c.get("outputs", [])
+    ]
+    twice = sorted({n for n in names if n and names.count(n) > 1})
+    assert not twice, f"{path.name}: names glued more than once: {twice}"
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
 def test_no_glued_number_is_nan(path):
     glued = _glued(json.loads(path.read_text()))
     bad = [k for k, v in glued.items() if v.strip() in ("nan", "inf", "-inf")]
@@ -71,11 +85,16 @@ def test_glue_lives_in_solution_only_cells(path):
     assert not any("utils.book" in "".join(c["source"]) for c in student["cells"])
 
 
-def test_chapter_7_hard_codes_no_result_of_its_run():
-    nb = json.loads((ROOT / "solutions" / "07_beyond.ipynb").read_text())
-    assert _quoted(nb), "Chapter 7's readings quote their run through glue"
+@pytest.mark.parametrize("stem", ["07_beyond", "06_project2"])
+def test_a_glued_chapter_hard_codes_no_result_of_its_run(stem):
+    nb = json.loads((ROOT / "solutions" / f"{stem}.ipynb").read_text())
+    assert _quoted(nb), f"{stem}'s readings quote their run through glue"
     hits = results_in_prose(_markdown(nb), nb)
-    assert not hits, f"Chapter 7's prose hard-codes results of its run (cell, number): {hits}"
+    assert not hits, f"{stem}'s prose hard-codes results of its run (cell, number): {hits}"
+
+
+def test_the_hard_coded_result_check_can_fail():
+    nb = json.loads((ROOT / "solutions" / "07_beyond.ipynb").read_text())
     # the check can fail: one reading written with the table's number instead of its name
     table = next(
         "".join(o["data"]["text/plain"])
