@@ -495,9 +495,21 @@ def test_beta_choice_accepts_any_beta_within_the_seeds_spread(capsys):
     assert "defend it in the discussion" in capsys.readouterr().out
 
 
+def test_beta_choice_with_one_seed_has_no_spread_to_judge_by(capsys):
+    from utils.checks import check_beta_choice
+
+    sweep = _sweep({0.1: [0.01], 0.3: [0.10]})  # the hub profile sweeps one seed
+    assert check_beta_choice(_deciding(0.1), sweep) == 0.1
+    assert "no spread to judge by" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "beta, message",
-    [(None, "not implemented yet"), (0.2, "was not swept"), (0.1, "below beta = 0.3 .* by more than")],
+    [
+        (None, "not implemented yet"),
+        (0.2, r"was not swept: choose one of \[0.1, 0.3\]"),
+        (0.1, "below beta = 0.3 .* by more than"),
+    ],
 )
 def test_beta_choice_rejects(beta, message):
     from utils.checks import check_beta_choice
