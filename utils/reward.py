@@ -236,19 +236,17 @@ def accuracy_difference(rm_a, rm_b, tokenizer, pairs, n_boot: int = 2000, seed: 
         rm.eval()
         rc, rr = _pair_rewards(rm, tokenizer, pairs)
         correct.append((rc > rr).double())
-    keys = [json.dumps(p, sort_keys=True) for p in pairs["prompt"]]
-    rows = {k: i for i, k in enumerate(dict.fromkeys(keys))}
-    width = max(keys.count(k) for k in rows)
-    diff, mask = torch.zeros(len(rows), width, dtype=torch.float64), torch.zeros(len(rows), width)
-    filled = [0] * len(rows)
-    for j, k in enumerate(keys):
-        r = rows[k]
-        diff[r, filled[r]], mask[r, filled[r]] = correct[0][j] - correct[1][j], 1.0
-        filled[r] += 1
+    by_prompt: dict[str, list[torch.Tensor]] = {}  # a prompt's pairs, in order
+    for p, a, b in zip(pairs["prompt"], *correct):
+        by_prompt.setdefault(json.dumps(p, sort_keys=True), []).append(a - b)
+    width = max(map(len, by_prompt.values()))
+    diff, mask = torch.zeros(len(by_prompt), width, dtype=torch.float64), torch.zeros(len(by_prompt), width)
+    for r, values in enumerate(by_prompt.values()):
+        diff[r, : len(values)], mask[r, : len(values)] = torch.stack(values), 1.0
     interval = per_token_mean(diff, mask, n_boot=n_boot, seed=seed)
     return {
         "difference": interval["mean"],
         "low": interval["low"],
         "high": interval["high"],
-        "prompts": len(rows),
+        "prompts": len(by_prompt),
     }

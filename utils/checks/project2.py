@@ -200,6 +200,31 @@ def _smoke() -> bool:
     return get_profile().smoke
 
 
+def _require_trained(policy, start, name: str, run: str = "") -> None:
+    """``policy`` is a language model, and not ``start`` or a copy of it left untrained."""
+    if not (isinstance(policy, torch.nn.Module) and hasattr(policy, "generate")):
+        raise CheckError(f"`{name}` should return the trained language model, got {type(policy).__name__}")
+    if policy is start or _same_weights(policy, start):
+        raise CheckError(
+            f"`{name}`{run} returned its starting model unchanged: did the training run, on a copy of "
+            "the model?"
+        )
+
+
+def _measured(policy, start, tokenizer, conversations, seed: int, judge, theirs=None):
+    """``(mine, theirs, win, kl)``: ``policy``'s sampled answers to ``conversations``, ``start``'s
+    (``theirs`` when given), the gold win rate of the first against the second with its interval,
+    and ``policy``'s KL from ``start`` on the token ids of its own answers."""
+    from ..evaluate import evaluate, win_rate
+    from ..rollout import sequence_kl
+
+    mine = evaluate(policy, tokenizer, conversations, do_sample=True, seed=seed, judge=judge)
+    if theirs is None:
+        theirs = evaluate(start, tokenizer, conversations, do_sample=True, seed=seed, judge=judge)
+    kl = sequence_kl(policy, start, tokenizer, conversations, list(mine["token_ids"]))
+    return mine, theirs, win_rate(mine["gold"], theirs["gold"]), kl
+
+
 @learner_facing
 def check_policy_run(
     fn,
@@ -220,9 +245,6 @@ def check_policy_run(
     learner's that the run must use (Project 2's ``rlhf_advantages``: ``train_ppo`` runs the
     course's own block when it is not given one). Returns the policy.
     """
-    from ..evaluate import evaluate, win_rate
-    from ..rollout import sequence_kl
-
     name = getattr(fn, "__name__", "align")
     with _counting_calls(fn, calls) as counted:
         policy = call_learner(fn, name, *args)
@@ -233,17 +255,9 @@ def check_policy_run(
             f"(`train_ppo(..., advantages_fn={called})`); without it the loop runs the course's own "
             "block, and this run would not be yours"
         )
-    if not (isinstance(policy, torch.nn.Module) and hasattr(policy, "generate")):
-        raise CheckError(f"`{name}` should return the trained language model, got {type(policy).__name__}")
-    if policy is start or _same_weights(policy, start):
-        raise CheckError(
-            f"`{name}` returned its starting model unchanged: did the training run, on a copy of the model?"
-        )
+    _require_trained(policy, start, name)
     conversations = list(conversations)
-    mine = evaluate(policy, tokenizer, conversations, do_sample=True, seed=seed, judge=judge)
-    theirs = evaluate(start, tokenizer, conversations, do_sample=True, seed=seed, judge=judge)
-    w = win_rate(mine["gold"], theirs["gold"])
-    kl = sequence_kl(policy, start, tokenizer, conversations, list(mine["token_ids"]))
+    _, _, w, kl = _measured(policy, start, tokenizer, conversations, seed, judge)
     summary = (
         f"{'judged' if judge is not None else 'gold'} win rate {w['win_rate']:.2f} "
         f"[{w['low']:.2f}, {w['high']:.2f}] against its starting model on "
@@ -305,9 +319,6 @@ def check_dpo_sweep(fn, sft_model, tokenizer, pairs, conversations, betas, seeds
 
     import pandas as pd
 
-    from ..evaluate import evaluate, win_rate
-    from ..rollout import sequence_kl
-
     name = getattr(fn, "__name__", "align_dpo")
     conversations = list(conversations)
     ref_cache, rows, first_seed_runs, baseline = {}, [], {}, None
@@ -316,33 +327,24 @@ def check_dpo_sweep(fn, sft_model, tokenizer, pairs, conversations, betas, seeds
             start = time.perf_counter()
             policy = call_learner(fn, name, sft_model, tokenizer, pairs, beta, seed, ref_cache)
             took = time.perf_counter() - start
-            if not (isinstance(policy, torch.nn.Module) and hasattr(policy, "generate")):
-                raise CheckError(
-                    f"`{name}` should return the trained language model, got {type(policy).__name__}"
-                )
-            if policy is sft_model or _same_weights(policy, sft_model):
-                raise CheckError(
-                    f"`{name}` (beta={beta}, seed={seed}) returned its starting model unchanged: did the "
-                    "training run, on a copy of the model?"
-                )
+            _require_trained(policy, sft_model, name, f" (beta={beta}, seed={seed})")
             if not ref_cache:
                 raise CheckError(
                     f"`{name}` left `ref_cache` empty: pass it to `train_dpo(..., ref_cache=ref_cache)`, "
                     "so that the sweep's runs share the reference's log-probabilities instead of each "
                     "computing them again"
                 )
-            answers = evaluate(policy, tokenizer, conversations, do_sample=True, seed=3, judge=judge)
-            if baseline is None:  # the SFT model's sampled answers, after the first run worked
-                baseline = evaluate(sft_model, tokenizer, conversations, do_sample=True, seed=3, judge=judge)
+            # the SFT model's answers are sampled once, after the first run worked
+            answers, baseline, w, kl = _measured(
+                policy, sft_model, tokenizer, conversations, 3, judge, baseline
+            )
             rows.append(
                 {
                     "β": beta,
                     "seed": seed,
                     "gold": answers["gold"].mean(),
-                    "win vs SFT": win_rate(answers["gold"], baseline["gold"])["win_rate"],
-                    "KL to SFT": sequence_kl(
-                        policy, sft_model, tokenizer, conversations, list(answers["token_ids"])
-                    ),
+                    "win vs SFT": w["win_rate"],
+                    "KL to SFT": kl,
                     "seconds": took,
                 }
             )
