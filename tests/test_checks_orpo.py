@@ -4,7 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.checks import CheckError, check_average_logprobs, check_log_odds, check_orpo_loss
+from utils.checks import (
+    CheckError,
+    check_average_logprobs,
+    check_log_odds,
+    check_orpo_loss,
+    check_probability_ratio_loss,
+)
 from utils.data import annotator_preferences
 from utils.logprobs import sequence_logprobs
 from utils.orpo import average_logprobs, log_odds, orpo_loss
@@ -75,3 +81,33 @@ def test_log1mexp_has_finite_gradients_next_to_zero():
     exact = torch.log(-torch.expm1(x.detach().double())).float()
     assert torch.allclose(y.detach(), exact, rtol=1e-6)
     assert torch.allclose(g[2:], (-1 / torch.expm1(-x.detach()[2:])).float(), rtol=1e-4)
+
+
+def ratio_good(nll, c, r, lam):
+    return nll - lam * F.logsigmoid(c - r).mean()
+
+
+def test_probability_ratio_loss_accepts_the_variant():
+    from utils.orpo import probability_ratio_loss
+
+    check_probability_ratio_loss(ratio_good)
+    check_probability_ratio_loss(probability_ratio_loss)  # returns (loss, mean ratio)
+
+
+@pytest.mark.parametrize(
+    "bug, message",
+    [
+        (good, "that is ORPO's loss"),
+        (lambda nll, c, r, lam: nll + lam * F.logsigmoid(c - r).mean(), "sign of the ratio term"),
+        (lambda nll, c, r, lam: nll - lam * F.logsigmoid(r - c).mean(), "swapped"),
+        (lambda nll, c, r, lam: -lam * F.logsigmoid(c - r).mean(), "NLL term"),
+        (lambda nll, c, r, lam: nll - lam * F.logsigmoid(c - r).sum(), "instead of summing"),
+        (lambda nll, c, r, lam: nll - lam * torch.log(torch.sigmoid(c - r)).mean(), "F.logsigmoid"),
+        (lambda nll, c, r, lam: ratio_good(nll, c, r, lam).detach(), "detached"),
+        (lambda nll, c, r, lam: nll.detach() - lam * F.logsigmoid(c - r).mean(), "nll_chosen"),
+        (lambda nll, c, r, lam: (ratio_good(nll, c, r, lam), (c - r).sum()), "second value"),
+    ],
+)
+def test_probability_ratio_loss_rejects(bug, message):
+    with pytest.raises(CheckError, match=message):
+        check_probability_ratio_loss(bug)

@@ -21,7 +21,8 @@ tests write ``from utils.checks import check_...``):
   PPO's policy and value losses;
 - ``ch4_dpo``: summed sequence log-probabilities, the DPO loss (vs ``trl.DPOTrainer``), the
   conservative DPO and IPO losses;
-- ``ch5_orpo``: averaged log-probabilities, log odds, the ORPO loss (vs TRL's ``ORPOTrainer``);
+- ``ch5_orpo``: averaged log-probabilities, log odds, the ORPO loss (vs TRL's ``ORPOTrainer``), its
+  probability-ratio variant;
 - ``ch7_beyond``: GRPO's group advantages, the k3 KL estimator and its gradient on a small
   softmax, the GRPO loss (vs ``trl.GRPOTrainer``), the verifiable reward and an answer that
   games it;
@@ -45,7 +46,7 @@ from .ch3_rlhf import (
     check_ppo_value_loss,
 )
 from .ch4_dpo import check_conservative_dpo_loss, check_dpo_loss, check_ipo_loss, check_sequence_logprobs
-from .ch5_orpo import check_average_logprobs, check_log_odds, check_orpo_loss
+from .ch5_orpo import check_average_logprobs, check_log_odds, check_orpo_loss, check_probability_ratio_loss
 from .ch7_beyond import (
     check_expected_k3_gradients,
     check_group_advantages,
@@ -100,6 +101,7 @@ __all__ = [
     "check_average_logprobs",
     "check_log_odds",
     "check_orpo_loss",
+    "check_probability_ratio_loss",
     "check_preference_data",
     "check_preference_pairs_run",
     "check_rlhf_advantages",

@@ -1,5 +1,5 @@
-"""Chapter 5 checkers: ORPO - averaged log-probabilities, log odds, and the ORPO loss (also against
-``trl.experimental.orpo.ORPOTrainer``)."""
+"""Chapter 5 checkers: ORPO - averaged log-probabilities, log odds, the ORPO loss (also against
+``trl.experimental.orpo.ORPOTrainer``) and its probability-ratio variant."""
 
 from __future__ import annotations
 
@@ -133,42 +133,34 @@ def _check_orpo_gradient(name, case, got, leaves, expected) -> None:
         )
 
 
-def _check_logged_ratio(name, case, second, want) -> None:
-    """The tuple's second value, when there is one: the mean log odds ratio (the loop logs it)."""
+def _check_logged_ratio(name, case, second, want, what: str = "log odds") -> None:
+    """The tuple's second value, when there is one: the mean log ``what`` ratio (the loop logs it)."""
     if not isinstance(second, torch.Tensor) or second.numel() != 1:
         shape = tuple(second.shape) if isinstance(second, torch.Tensor) else type(second).__name__
         raise CheckError(
-            f"`{name}` returned a tuple whose second value is {shape}: it should be the mean log odds "
+            f"`{name}` returned a tuple whose second value is {shape}: it should be the mean {what} "
             "ratio, one number in a tensor (the training loop logs it with .item())"
         )
     value, ratio = second.detach().double().reshape(()), want
     if torch.allclose(value, ratio.mean(), rtol=1e-4, atol=1e-4):
         return
-    hint = "the mean over the batch of log odds(chosen) - log odds(rejected)"
+    hint = f"the mean over the batch of {what}(chosen) - {what}(rejected)"
     if torch.allclose(value, F.logsigmoid(ratio).mean(), rtol=1e-4, atol=1e-4):
         hint = (
-            "that is the mean of log sigmoid(ratio), the penalty's own term (what TRL logs as "
-            "log_odds_ratio); return the mean log odds ratio itself"
+            "that is the mean of log sigmoid(ratio), the penalty's own term; return the mean "
+            f"{what} ratio itself"
         )
     raise CheckError(
-        f"`{name}` returned {value.item():.5f} as its second value on case {case}, where the mean log odds "
+        f"`{name}` returned {value.item():.5f} as its second value on case {case}, where the mean {what} "
         f"ratio is {ratio.mean().item():.5f}: {hint}"
     )
 
 
-@continues_with("from utils.orpo import orpo_loss")
-def check_orpo_loss(fn, model=None, tokenizer=None, pairs=None, lam: float = 0.1) -> None:
-    """``fn(nll_chosen, chosen_avg_logp, rejected_avg_logp, lam) -> scalar`` (optionally a tuple whose
-    first element is the loss, and second the mean log odds ratio), checked on hand-made values -
-    the value and the gradient with respect to every input - and, given a model and pairs, against
-    ``trl.experimental.orpo.ORPOTrainer`` on the same batch."""
-    from ..orpo import log_odds
-    from ..orpo import orpo_loss as reference
-
-    name = getattr(fn, "__name__", "orpo_loss")
+def _eq2_cases():
+    """Hand-made (nll, chosen avg log p, rejected avg log p, lam, kind) for eq. (2) and its variant."""
     nll = torch.tensor(2.3)
     c, r = torch.tensor([-0.5, -1.2, -3.0]), torch.tensor([-0.9, -1.0, -4.0])
-    cases = [
+    return [
         (nll, c, r, 0.1, ""),
         (nll, c, r, 1.0, ""),
         (torch.tensor(0.7), r, c, 0.5, ""),
@@ -181,80 +173,115 @@ def check_orpo_loss(fn, model=None, tokenizer=None, pairs=None, lam: float = 0.1
         ),
         (torch.tensor(3.0), torch.tensor([-95.0, -0.3]), torch.tensor([-0.01, -60.0]), 0.25, "extreme"),
     ]
+
+
+def _check_eq2_cases(fn, name, reference, ratio_of, not_finite, bugs, where, formula, what) -> None:
+    """Run ``fn`` on every hand-made case: the value (naming a planted bug from ``bugs(nll, c, r, lam)``
+    where one matches), the logged ratio when ``fn`` returns one, then every case's gradient against
+    ``reference``. ``ratio_of(c, r)`` is the loss's ratio; ``not_finite(case, kind, ratio)`` the hint
+    for a value that is not finite."""
     results = []  # every case's value first, then every case's gradient
-    for case, (n_, c_, r_, l_, kind) in enumerate(cases):
+    for case, (n_, c_, r_, l_, kind) in enumerate(_eq2_cases()):
         leaves = [t.clone().requires_grad_(True) for t in (n_, c_, r_)]
         raw = call_learner(fn, name, *(t.clone() for t in leaves), l_)
         got = _scalar(raw, name)
         exact = [t.double().requires_grad_(True) for t in (n_, c_, r_)]
         want, _ = reference(*exact, l_)
         results.append((got, leaves, exact, want))
-        ratio = (log_odds(exact[1]) - log_odds(exact[2])).detach()
+        ratio = ratio_of(exact[1], exact[2]).detach()
         if not torch.isfinite(got):
-            hint = {
-                "near one": (
-                    "where an answer's mean log-probability is close to 0 (p close to 1): compute "
-                    "log(1 - p) as torch.log(-torch.expm1(avg_logp)), as your log_odds does"
-                ),
-                "extreme": (
-                    f"where the log odds ratio reaches {ratio.min().item():.1f}: use F.logsigmoid, "
-                    "which stays finite where torch.log(torch.sigmoid(x)) underflows to log 0"
-                ),
-            }.get(kind, "use your log_odds and F.logsigmoid, which stay finite")
-            raise CheckError(f"`{name}` returned {got.item()} on case {case}, {hint}")
-        ratio32 = log_odds(c_) - log_odds(r_)
+            raise CheckError(f"`{name}` returned {got.item()} on case {case}, {not_finite(kind, ratio)}")
         _loss_verdict(
             got,
             want.detach().float(),
             name,
-            f"on case {case} where ORPO gives",
-            lambda: [
-                (
-                    n_ + l_ * F.logsigmoid(ratio32).mean(),
-                    "the sign of the odds-ratio term is flipped: it should *reward* a large ratio",
-                ),
-                (
-                    n_ - l_ * F.logsigmoid(-ratio32).mean(),
-                    "chosen and rejected are swapped: the ratio is log odds(chosen) - log odds(rejected)",
-                ),
-                (
-                    n_ - l_ * F.logsigmoid(c_ - r_).mean(),
-                    "you used the log-probability ratio; ORPO uses the log *odds* ratio",
-                ),
-                (
-                    -l_ * F.logsigmoid(ratio32).mean(),
-                    "the NLL term on the chosen answer is missing: ORPO is SFT plus a preference penalty",
-                ),
-                (
-                    n_ - l_ * F.logsigmoid(ratio32).sum(),
-                    "average the odds-ratio term over the batch instead of summing",
-                ),
-                (
-                    n_ - l_ * F.logsigmoid(ratio32.mean()),
-                    "average log sigmoid(ratio) over the batch, not the ratio before the log sigmoid",
-                ),
-                (l_ * n_ - F.logsigmoid(ratio32).mean(), "lam weighs the odds-ratio term, not the NLL"),
-                (
-                    (1 - l_) * n_ - l_ * F.logsigmoid(ratio32).mean(),
-                    "the NLL term has weight 1: only the odds-ratio term is scaled by lam",
-                ),
-                (
-                    n_ - l_ * F.logsigmoid(_naive_log_odds(c_) - _naive_log_odds(r_)).mean(),
-                    "log(1 - p) computed as log(1 - exp(avg_logp)) loses its digits when p is close to 1: "
-                    "use torch.log(-torch.expm1(avg_logp)) (your log_odds)",
-                ),
-                (
-                    ratio32.mean(),
-                    "that is the mean log odds ratio: return the loss first, then the ratio",
-                ),
-            ],
-            "L = nll - lam * mean(log sigmoid(log odds(chosen) - log odds(rejected)))",
+            f"on case {case} where {where} gives",
+            lambda n_=n_, c_=c_, r_=r_, l_=l_: bugs(n_, c_, r_, l_),
+            formula,
             " from the log-probabilities",
         )
         if isinstance(raw, tuple) and len(raw) > 1:
-            _check_logged_ratio(name, case, raw[1], ratio)
+            _check_logged_ratio(name, case, raw[1], ratio, what=what)
     for case, (got, leaves, exact, want) in enumerate(results):
         _check_orpo_gradient(name, case, got, leaves, torch.autograd.grad(want, exact))
+
+
+@continues_with("from utils.orpo import orpo_loss")
+def check_orpo_loss(fn, model=None, tokenizer=None, pairs=None, lam: float = 0.1) -> None:
+    """``fn(nll_chosen, chosen_avg_logp, rejected_avg_logp, lam) -> scalar`` (optionally a tuple whose
+    first element is the loss, and second the mean log odds ratio), checked on hand-made values -
+    the value and the gradient with respect to every input - and, given a model and pairs, against
+    ``trl.experimental.orpo.ORPOTrainer`` on the same batch."""
+    from ..orpo import log_odds
+    from ..orpo import orpo_loss as reference
+
+    def not_finite(kind, ratio):
+        return {
+            "near one": (
+                "where an answer's mean log-probability is close to 0 (p close to 1): compute "
+                "log(1 - p) as torch.log(-torch.expm1(avg_logp)), as your log_odds does"
+            ),
+            "extreme": (
+                f"where the log odds ratio reaches {ratio.min().item():.1f}: use F.logsigmoid, "
+                "which stays finite where torch.log(torch.sigmoid(x)) underflows to log 0"
+            ),
+        }.get(kind, "use your log_odds and F.logsigmoid, which stay finite")
+
+    def bugs(n_, c_, r_, l_):
+        ratio32 = log_odds(c_) - log_odds(r_)
+        return [
+            (
+                n_ + l_ * F.logsigmoid(ratio32).mean(),
+                "the sign of the odds-ratio term is flipped: it should *reward* a large ratio",
+            ),
+            (
+                n_ - l_ * F.logsigmoid(-ratio32).mean(),
+                "chosen and rejected are swapped: the ratio is log odds(chosen) - log odds(rejected)",
+            ),
+            (
+                n_ - l_ * F.logsigmoid(c_ - r_).mean(),
+                "you used the log-probability ratio; ORPO uses the log *odds* ratio",
+            ),
+            (
+                -l_ * F.logsigmoid(ratio32).mean(),
+                "the NLL term on the chosen answer is missing: ORPO is SFT plus a preference penalty",
+            ),
+            (
+                n_ - l_ * F.logsigmoid(ratio32).sum(),
+                "average the odds-ratio term over the batch instead of summing",
+            ),
+            (
+                n_ - l_ * F.logsigmoid(ratio32.mean()),
+                "average log sigmoid(ratio) over the batch, not the ratio before the log sigmoid",
+            ),
+            (l_ * n_ - F.logsigmoid(ratio32).mean(), "lam weighs the odds-ratio term, not the NLL"),
+            (
+                (1 - l_) * n_ - l_ * F.logsigmoid(ratio32).mean(),
+                "the NLL term has weight 1: only the odds-ratio term is scaled by lam",
+            ),
+            (
+                n_ - l_ * F.logsigmoid(_naive_log_odds(c_) - _naive_log_odds(r_)).mean(),
+                "log(1 - p) computed as log(1 - exp(avg_logp)) loses its digits when p is close to 1: "
+                "use torch.log(-torch.expm1(avg_logp)) (your log_odds)",
+            ),
+            (
+                ratio32.mean(),
+                "that is the mean log odds ratio: return the loss first, then the ratio",
+            ),
+        ]
+
+    name = getattr(fn, "__name__", "orpo_loss")
+    _check_eq2_cases(
+        fn,
+        name,
+        reference,
+        lambda c, r: log_odds(c) - log_odds(r),
+        not_finite,
+        bugs,
+        "ORPO",
+        "L = nll - lam * mean(log sigmoid(log odds(chosen) - log odds(rejected)))",
+        "log odds",
+    )
     message = f"`{name}` matches the ORPO loss on hand-made cases"
     if model is not None:
         message += _compare_with_orpo_trainer(fn, name, model, tokenizer, pairs, lam)
@@ -301,3 +328,61 @@ def _compare_with_orpo_trainer(fn, name, model, tokenizer, pairs, lam) -> str:
         whose="trl's ORPOTrainer",
         note=f" (lambda = TRL's beta = {lam})",
     )
+
+
+@continues_with("from utils.orpo import probability_ratio_loss")
+def check_probability_ratio_loss(fn) -> None:
+    """``fn(nll_chosen, chosen_avg_logp, rejected_avg_logp, lam) -> scalar`` (optionally a tuple whose
+    second element is the mean log-probability ratio): eq. (2) with ``log P`` in place of the log odds,
+    checked on hand-made values - the value and the gradient with respect to every input."""
+    from ..orpo import log_odds
+    from ..orpo import probability_ratio_loss as reference
+
+    def not_finite(kind, ratio):
+        return (
+            f"where the log-probability ratio reaches {ratio.min().item():.1f}: use F.logsigmoid, which "
+            "stays finite where torch.log(torch.sigmoid(x)) underflows to log 0"
+        )
+
+    def bugs(n_, c_, r_, l_):
+        diff, odds = c_ - r_, log_odds(c_) - log_odds(r_)
+        return [
+            (
+                n_ - l_ * F.logsigmoid(odds).mean(),
+                "that is ORPO's loss, with the log *odds* ratio: this variant puts log P(chosen) - "
+                "log P(rejected) where ORPO has the log odds",
+            ),
+            (
+                n_ + l_ * F.logsigmoid(diff).mean(),
+                "the sign of the ratio term is flipped: it should *reward* a large ratio",
+            ),
+            (
+                n_ - l_ * F.logsigmoid(-diff).mean(),
+                "chosen and rejected are swapped: the ratio is log P(chosen) - log P(rejected)",
+            ),
+            (
+                -l_ * F.logsigmoid(diff).mean(),
+                "the NLL term on the chosen answer is missing: keep ORPO's SFT term",
+            ),
+            (n_ - l_ * F.logsigmoid(diff).sum(), "average the ratio term over the batch instead of summing"),
+            (
+                n_ - l_ * F.logsigmoid(diff.mean()),
+                "average log sigmoid(ratio) over the batch, not the ratio before the log sigmoid",
+            ),
+            (l_ * n_ - F.logsigmoid(diff).mean(), "lam weighs the ratio term, not the NLL"),
+            (diff.mean(), "that is the mean ratio: return the loss first, then the ratio"),
+        ]
+
+    name = getattr(fn, "__name__", "probability_ratio_loss")
+    _check_eq2_cases(
+        fn,
+        name,
+        reference,
+        lambda c, r: c - r,
+        not_finite,
+        bugs,
+        "the probability-ratio variant",
+        "L = nll - lam * mean(log sigmoid(log P(chosen) - log P(rejected)))",
+        "log-probability",
+    )
+    passed(f"`{name}` matches eq. (2) with log P for the log odds (value and gradient) on hand-made cases")
