@@ -162,7 +162,7 @@ def evaluation_set(n: int | None = None, show: bool = True) -> Dataset:
             if len(out) == len(full)
             else f"{len(out)} of the {len(full)} evaluation prompts, same mix"
         )
-        print(f"{what}: {kind_mix(out['kind'])}")
+        print(f"{what}:\n  {kind_mix(out['kind'])}")  # two lines: the book's width
     return out
 
 

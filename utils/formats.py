@@ -21,9 +21,14 @@ def require_columns(dataset, columns, purpose: str) -> None:
 
 
 def alpaca_to_messages(record: dict) -> list[dict]:
-    """An Alpaca record (instruction / input / output) as a one-turn chat conversation."""
-    user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+    """An Alpaca record (instruction, input, output) as a one-turn conversation."""
+    user = record["instruction"]
+    if record.get("input"):
+        user += f"\n\n{record['input']}"
+    return [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": record["output"]},
+    ]
 
 
 def split_implicit_prompt(row: dict) -> dict:
