@@ -44,16 +44,21 @@ def _prose(markdown: str) -> str:
     return VERSION.sub(" ", markdown)
 
 
-def _printed(nb: dict) -> list[float]:
-    """Every number the executed cells printed or displayed (as text), progress bars aside: their
+def _printed_lines(nb: dict) -> list[str]:
+    """Every line the executed cells printed or displayed (as text), progress bars aside: their
     redraws (a running loss, a rate) change from run to run and would match prose by chance."""
     out = []
     for cell in nb["cells"]:
         for o in cell.get("outputs", []) if cell["cell_type"] == "code" else []:
             text = o.get("text") if o.get("output_type") == "stream" else o.get("data", {}).get("text/plain")
             lines = "".join(text or []).replace("\r", "\n").splitlines()
-            out += [float(n) for ln in lines if not PROGRESS_BAR.search(ln) for n in _numbers(ln)]
+            out += [ln for ln in lines if not PROGRESS_BAR.search(ln)]
     return out
+
+
+def _printed(nb: dict) -> list[float]:
+    """Every number of :func:`_printed_lines`."""
+    return [float(n) for ln in _printed_lines(nb) for n in _numbers(ln)]
 
 
 def results_in_prose(markdown_cells: list[str], solution: dict) -> list[tuple[int, str]]:
@@ -107,20 +112,25 @@ def test_claims_are_solution_only(path):
 GLUE_QUOTE = re.compile(r"\{glue:text\}`([^`:]+)(?::([^`]*))?`")
 
 
-def rendered(nb: dict) -> list[str]:
-    """The markdown as the book shows it: each ``{glue:text}`name:fmt``` replaced by the value the
-    committed run glued, formatted (a string value as it is)."""
-    values = {}
+def glued(nb: dict) -> dict[str, str]:
+    """name -> the text/plain the committed outputs hold for it."""
+    out = {}
     for cell in nb["cells"]:
         for o in cell.get("outputs", []) if cell["cell_type"] == "code" else []:
             name = o.get("metadata", {}).get("scrapbook", {}).get("name")
             if name:
-                plain = "".join(next(v for k, v in o["data"].items() if k.endswith("text/plain")))
-                values[name] = plain.strip("'\"") if plain[:1] in "'\"" else float(plain)
+                plain = [v for k, v in o["data"].items() if k.endswith("text/plain")]
+                out[name] = "".join(plain[0])
+    return out
+
+
+def rendered(nb: dict) -> list[str]:
+    """The markdown as the book shows it: each ``{glue:text}`name:fmt``` replaced by the value the
+    committed run glued, formatted (a string value as it is)."""
 
     def sub(m):
-        value, fmt = values[m.group(1)], m.group(2) or ""
-        return value if isinstance(value, str) else format(value, fmt)
+        plain, fmt = glued(nb)[m.group(1)], m.group(2) or ""
+        return plain.strip("'\"") if plain[:1] in "'\"" else format(float(plain), fmt)
 
     return [GLUE_QUOTE.sub(sub, text) for text in _markdown(nb)]
 
@@ -131,14 +141,7 @@ def test_the_check_finds_the_readings_the_solutions_hold():
     chapter = json.loads((ROOT / "solutions" / "03_rlhf.ipynb").read_text())
     assert not results_in_prose(_markdown(chapter), chapter)  # as written: glued, not hard-coded
     assert len(results_in_prose(rendered(chapter), chapter)) >= 10
-    printed = "\n".join(
-        line
-        for c in chapter["cells"]
-        if c["cell_type"] == "code"
-        for o in c.get("outputs", [])
-        for line in "".join(o.get("text") or o.get("data", {}).get("text/plain", "")).splitlines()
-        if not PROGRESS_BAR.search(line)
-    )
+    printed = "\n".join(_printed_lines(chapter))
     three = re.search(r"(?<![\w.])[1-9]\.\d{3}(?!\d)|(?<![\w.])0\.\d{3}(?!\d)", printed).group(0)
     share = re.search(r"(?<![\w.])\d+\.\d%", printed).group(0)
     planted = [

@@ -14,35 +14,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_ask_before_telling import _markdown, results_in_prose
+from test_ask_before_telling import GLUE_QUOTE, _markdown, glued, results_in_prose
 
 from utils.book import GLUED, glue
 
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTIONS = sorted((ROOT / "solutions").glob("*.ipynb"))
-QUOTE = re.compile(r"\{glue:text\}`([^`:]+)(?::[^`]*)?`")
-
-
-def _glued(nb: dict) -> dict[str, str]:
-    """name -> the text/plain the committed outputs hold for it."""
-    out = {}
-    for cell in nb["cells"]:
-        for o in cell.get("outputs", []) if cell["cell_type"] == "code" else []:
-            name = o.get("metadata", {}).get("scrapbook", {}).get("name")
-            if name:
-                plain = [v for k, v in o["data"].items() if k.endswith("text/plain")]
-                out[name] = "".join(plain[0])
-    return out
 
 
 def _quoted(nb: dict) -> set[str]:
-    return {m.group(1) for text in _markdown(nb) for m in QUOTE.finditer(text)}
+    return {m.group(1) for text in _markdown(nb) for m in GLUE_QUOTE.finditer(text)}
 
 
 @pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
 def test_every_quoted_name_was_glued_by_the_committed_run(path):
     nb = json.loads(path.read_text())
-    missing = sorted(_quoted(nb) - set(_glued(nb)))
+    missing = sorted(_quoted(nb) - set(glued(nb)))
     assert not missing, f"{path.name}: the text quotes names no cell glued: {missing}"
 
 
@@ -62,8 +49,8 @@ def test_no_name_is_glued_twice(path):
 
 @pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
 def test_no_glued_number_is_nan(path):
-    glued = _glued(json.loads(path.read_text()))
-    bad = [k for k, v in glued.items() if v.strip() in ("nan", "inf", "-inf")]
+    values = glued(json.loads(path.read_text()))
+    bad = [k for k, v in values.items() if v.strip() in ("nan", "inf", "-inf")]
     assert not bad, f"{path.name}: glued values the book would print as nonsense: {bad}"
 
 

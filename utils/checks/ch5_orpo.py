@@ -146,8 +146,9 @@ def _check_logged_ratio(name, case, second, want, what: str = "log odds") -> Non
         return
     hint = f"the mean over the batch of {what}(chosen) - {what}(rejected)"
     if torch.allclose(value, F.logsigmoid(ratio).mean(), rtol=1e-4, atol=1e-4):
+        trl = " (what TRL logs as log_odds_ratio)" if what == "log odds" else ""
         hint = (
-            "that is the mean of log sigmoid(ratio), the penalty's own term; return the mean "
+            f"that is the mean of log sigmoid(ratio), the penalty's own term{trl}; return the mean "
             f"{what} ratio itself"
         )
     raise CheckError(
@@ -178,8 +179,8 @@ def _eq2_cases():
 def _check_eq2_cases(fn, name, reference, ratio_of, not_finite, bugs, where, formula, what) -> None:
     """Run ``fn`` on every hand-made case: the value (naming a planted bug from ``bugs(nll, c, r, lam)``
     where one matches), the logged ratio when ``fn`` returns one, then every case's gradient against
-    ``reference``. ``ratio_of(c, r)`` is the loss's ratio; ``not_finite(case, kind, ratio)`` the hint
-    for a value that is not finite."""
+    ``reference``. ``ratio_of(c, r)`` is the loss's ratio; ``not_finite(kind, ratio)`` the hint for a
+    value that is not finite."""
     results = []  # every case's value first, then every case's gradient
     for case, (n_, c_, r_, l_, kind) in enumerate(_eq2_cases()):
         leaves = [t.clone().requires_grad_(True) for t in (n_, c_, r_)]
