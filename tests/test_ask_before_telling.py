@@ -109,6 +109,68 @@ def test_claims_are_solution_only(path):
     assert not cells, f"{path.name}: student cells {cells} state claims; tag them solution-only"
 
 
+PREDICT = re.compile(r"\*\*Predict\b")
+CHECK = re.compile(r"^\*\*(Check|Read)\b", re.M)
+
+
+def predicts_without_check(nb: dict) -> list[int]:
+    """Cell indices of each "**Predict**" whose run is not followed by a question the learner can
+    see: a paragraph opening "**Check" or "**Read" in a markdown cell after at least one code cell,
+    before the next prediction."""
+    cells = nb["cells"]
+    missing, open_at, ran = [], None, False
+    for i, cell in enumerate(cells):
+        text = "".join(cell["source"])
+        if cell["cell_type"] == "code":
+            ran = ran or open_at is not None
+            continue
+        if open_at is not None and ran and CHECK.search(text):
+            open_at = None
+        if PREDICT.search(text):
+            if open_at is not None:
+                missing.append(open_at)
+            open_at, ran = i, False  # a check in the same cell comes before the run: it does not count
+    return missing + ([open_at] if open_at is not None else [])
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
+def test_each_prediction_is_checked_after_its_run(path):
+    student = json.loads((ROOT / "notebooks" / path.name).read_text())
+    n = sum(
+        bool(PREDICT.search("".join(c["source"]))) for c in student["cells"] if c["cell_type"] == "markdown"
+    )
+    assert n >= 3, f"{path.name}: {n} predictions; every chapter asks for at least three before its runs"
+    missing = predicts_without_check(student)
+    assert not missing, (
+        f"{path.name}: the predictions in student cells {missing} are never checked: after the run, "
+        "open a paragraph with **Check.** (or **Read ...**) that asks the learner to compare"
+    )
+
+
+def test_the_prediction_check_can_fail():
+    def cell(kind, text):
+        return {"cell_type": kind, "source": [text]}
+
+    checked = {
+        "cells": [
+            cell("markdown", "**Predict.** Up or down?"),
+            cell("code", "run()"),
+            cell("markdown", "**Check.** Which?"),
+        ]
+    }
+    assert predicts_without_check(checked) == []
+    unchecked = {
+        "cells": [
+            cell("markdown", "**Predict.** Up?"),
+            cell("code", "run()"),
+            cell("markdown", "The answer."),
+        ]
+    }
+    assert predicts_without_check(unchecked) == [0]
+    before_run = {"cells": [cell("markdown", "**Predict.** Up?\n\n**Check.** Which?"), cell("code", "run()")]}
+    assert predicts_without_check(before_run) == [0]
+
+
 GLUE_QUOTE = re.compile(r"\{glue:text\}`([^`:]+)(?::([^`]*))?`")
 
 
