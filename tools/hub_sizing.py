@@ -7,7 +7,9 @@ weights), runs a few steps at the profile's batch shapes with the sequences at t
 records the time per step and the peak GPU memory. Each phase is measured as the course runs it:
 
 * the from-scratch loops (pretraining, SFT, reward model, DPO, ORPO, PPO): fp32 weights and fp32
-  compute, as ``utils`` runs them today;
+  compute, as ``utils`` ran them when the figures in ``benchmarks/hub_sizing.json`` were measured
+  (they now run under ``training_precision()``'s autocast on a GPU: fp16 with loss scaling on a
+  T4, which the projection below counts at the fp16 rate);
 * the TRL/``transformers`` trainers: fp32 master weights with fp16 autocast and loss scaling, which
   is what ``mixed_precision()`` gives them on a T4 (no bf16 there);
 * PPO through ``utils.ppo.train_ppo`` itself (sampling, scoring, two epochs of two minibatches);
@@ -277,16 +279,18 @@ PPO_PROMPT, EVAL_PROMPT = 128, 64  # tokens: a public preference prompt; an eval
 # tokens (perplexity on wikitext-2's validation text); "generate" batches of 128 answers of 40 tokens;
 # "judge" batches of 8 scored answers; "rloo" RLOO steps (4 prompts x 4 answers). Chapter 2's QLoRA
 # epoch counts as two full SFT steps a step (4-bit dequantisation), its 100 overfitting steps as SFT's.
+# The course's own loops train under fp16 autocast on a T4 (training_precision), as TRL's trainers do;
+# evaluation (perplexity, sampling) runs in fp32.
 WORKLOAD = {
-    "01_pretraining": [("pretrain", "fp32", 200), ("pretrain", "fp16", 50), ("forward", "fp32", 2 * 250_000)],
-    "02_sft": [("sft", "fp32", 375 + 188 * 2 + 100), ("sft", "fp16", 125), ("lora", "fp32", 188),
+    "01_pretraining": [("pretrain", "fp16", 200 + 50), ("forward", "fp32", 2 * 250_000)],
+    "02_sft": [("sft", "fp16", 375 + 188 * 2 + 100 + 125), ("lora", "fp16", 188),
                ("forward", "fp32", 3 * 250_000), ("generate", "fp32", 3 * 7)],
-    "03_rlhf": [("reward_model", "fp32", 68), ("ppo", "fp32", 16 + 16), ("rloo", "fp16", 16),
+    "03_rlhf": [("reward_model", "fp16", 68), ("ppo", "fp16", 16 + 16), ("rloo", "fp16", 16),
                 ("generate", "fp32", 8 * 7 + 12)],
-    "04_dpo": [("dpo", "fp32", 6 * 68), ("dpo", "fp16", 68), ("generate", "fp32", 6 * 7)],
-    "05_orpo": [("orpo", "fp32", 40), ("orpo", "fp16", 136), ("sft", "fp32", 375), ("dpo", "fp32", 68),
+    "04_dpo": [("dpo", "fp16", 6 * 68 + 68), ("generate", "fp32", 6 * 7)],
+    "05_orpo": [("orpo", "fp16", 40 + 136), ("sft", "fp16", 375), ("dpo", "fp16", 68),
                 ("generate", "fp32", 4 * 7)],
-    "06_project2": [("reward_model", "fp32", 2 * 60), ("ppo", "fp32", 16), ("dpo", "fp32", 60),
+    "06_project2": [("reward_model", "fp16", 2 * 60), ("ppo", "fp16", 16), ("dpo", "fp16", 60),
                     ("generate", "fp32", 20), ("judge", "float16", 100)],
 }  # fmt: skip
 LOAD_S = 60  # per notebook: imports, loading the checkpoints (after the first download), building sets
@@ -308,7 +312,7 @@ def t4_seconds(phases: dict, phase: str, precision: str) -> float:
         return r["s_per_step"] + 2 * N_JUDGE * r["shape"][0] * r["shape"][1] / T4_FLOPS["fp16"]
     if phase == "ppo":  # generation, 4 scoring forwards, 2 epochs of policy + value updates
         r = measured("ppo")
-        return r["s_per_step"] + 34 * N_LM * 64 * (PPO_PROMPT + 40) / T4_FLOPS["fp32"]
+        return r["s_per_step"] + 34 * N_LM * 64 * (PPO_PROMPT + 40) / T4_FLOPS[precision]
     if phase == "rloo":  # 16 answers: sampling, reference and reward forwards, one update
         r = measured("ppo")
         return r["s_per_step"] / 4 + 10 * N_LM * 16 * (PPO_PROMPT + 40) / T4_FLOPS[precision]

@@ -31,6 +31,7 @@ from .judge import JUDGE_VERSION
 from .models import TINY_MODEL, generate_responses, make_model
 from .pretrain import train_lm
 from .progress import quiet_transformers
+from .recipes import stage_recipe
 from .sampling import SAMPLER_VERSION
 from .sft import train_sft
 from .tokenizer import train_tokenizer
@@ -244,7 +245,7 @@ def sft_recipe(profile: Profile | None = None) -> dict:
         "data_seed": 0,
         "epochs": 2,
         "batch_size": profile.batch_size,
-        "lr": 1e-3,
+        "lr": stage_recipe("sft", profile)["learning_rate"],  # 1e-3 on tiny (a cache key)
         "warmup": 10,
         "seed": 0,
     }

@@ -234,6 +234,46 @@ def mixed_precision(
     return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
 
 
+def training_precision(
+    device: torch.device | str | None = None,
+    profile: Profile | None = None,
+    *,
+    bf16_supported: bool | None = None,
+):
+    """``(autocast, scaler)`` for the course's own training loops: the same choice as
+    :func:`mixed_precision` makes for TRL's trainers, in plain PyTorch.
+
+    ``autocast()`` opens ``torch.autocast`` in bf16 (a GPU with bf16) or fp16 (a T4) on a GPU with a
+    profile that asks for it (``hub``); the weights stay fp32. ``scaler`` is a
+    ``torch.amp.GradScaler``, on only for fp16, whose gradients would underflow without it. Off (on a
+    CPU, and for the tiny models), ``autocast()`` changes nothing and the scaler passes the loss,
+    the gradients and ``step`` through untouched, so a loop written with them computes exactly what
+    the plain loop does::
+
+        with autocast():
+            loss = ...
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+    """
+    device = torch.device(device) if device is not None else pick_device()
+    mp = mixed_precision(device, profile, bf16_supported=bf16_supported)
+    dtype = torch.bfloat16 if mp["bf16"] else torch.float16 if mp["fp16"] else None
+    return _precision(device.type, dtype)
+
+
+def _precision(device_type: str, dtype: torch.dtype | None):
+    """(autocast, scaler) for ``dtype`` (``None``: both off); tests call it to force a precision on a CPU."""
+
+    def autocast():
+        return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+    autocast.dtype = dtype  # what it computes in (None: fp32), for a reader and the tests
+    return autocast, torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+
+
 # TRL's widest log-probability tile (``trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE`` in trl 1.16)
 TRL_LOGPROB_TILE = 32768
 

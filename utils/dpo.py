@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .config import course_seed, seed_everything
+from .config import course_seed, seed_everything, training_precision
 from .formats import require_columns
 from .logprobs import sequence_logprobs
 from .padding import by_length
@@ -124,6 +124,7 @@ def train_dpo(
     seed_everything(seed)
     reference.eval()  # frozen: only ever run under torch.no_grad() below
     device = next(policy.parameters()).device
+    autocast, scaler = training_precision(device)  # Chapter 1's mixed precision (GPU)
     opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
     rows = pairs.select_columns(["prompt", "chosen", "rejected"]).to_list()
     n_steps = epochs * ((len(rows) + batch_size - 1) // batch_size)
@@ -147,16 +148,19 @@ def train_dpo(
                 len(chunk),
             )  # [chosen; rejected]
             if any(j not in ref_logps for j in idx):  # the first epoch (of a sweep)
-                with torch.no_grad():
+                with torch.no_grad(), autocast():  # as the policy's, below
                     ref = logps_of(reference, batch)
                 ref_logps.update({j: (ref[k], ref[n + k]) for k, j in enumerate(idx)})
             ref = torch.stack([ref_logps[j][a] for a in (0, 1) for j in idx])
-            pol = logps_of(policy, batch)
-            loss = (loss_fn or dpo_loss)(pol[:n], pol[n:], ref[:n], ref[n:], beta)
+            with autocast():
+                pol = logps_of(policy, batch)
+                loss = (loss_fn or dpo_loss)(pol[:n], pol[n:], ref[:n], ref[n:], beta)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             reward_c = beta * (pol[:n] - ref[:n]).detach()
             reward_r = beta * (pol[n:] - ref[n:]).detach()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import course_seed, seed_everything
+from .config import course_seed, seed_everything, training_precision
 from .ppo import masked_mean
 from .progress import progress
 from .rollout import gold_scores, rollout_scores, sample_rollout, token_logprobs
@@ -254,6 +254,8 @@ def train_grpo(
         if isinstance(m, torch.nn.Module):
             m.eval()
     opt = torch.optim.AdamW(policy.parameters(), lr=s.lr, weight_decay=0.0)
+    # Chapter 1's mixed precision (GPU), old, reference and new log-probs alike
+    autocast, scaler = training_precision(next(policy.parameters()).device)
     g = torch.Generator().manual_seed(course_seed(s.seed))
     order = torch.randperm(len(conversations), generator=g).tolist()
     history, bar = (
@@ -277,7 +279,7 @@ def train_grpo(
             seed=s.seed * 100_003 + it,
         )
         mask = roll.response_mask
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             old_logp, entropy = token_logprobs(policy, roll, s.temperature)
             ref_logp, _ = token_logprobs(reference, roll, s.temperature)
             if isinstance(reward, torch.nn.Module):
@@ -299,20 +301,23 @@ def train_grpo(
                 idx = perm[i : i + s.minibatch_size]
                 sub = roll.subset(idx)
                 w, m = sub.response.shape[1], sub.response_mask
-                logp, _ = token_logprobs(policy, sub, s.temperature)
-                loss = (loss_fn or grpo_loss)(
-                    logp,
-                    old_logp[idx, :w],
-                    ref_logp[idx, :w],
-                    advantages[idx],
-                    m,
-                    s.clip,
-                    s.beta,
-                )
+                with autocast():
+                    logp, _ = token_logprobs(policy, sub, s.temperature)
+                    loss = (loss_fn or grpo_loss)(
+                        logp,
+                        old_logp[idx, :w],
+                        ref_logp[idx, :w],
+                        advantages[idx],
+                        m,
+                        s.clip,
+                        s.beta,
+                    )
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-                opt.step()
+                scaler.step(opt)
+                scaler.update()
                 losses.append(loss.item())
         kl = ((old_logp - ref_logp) * mask).sum(1).mean()  # k1, summed per answer
         solved = (score.view(-1, s.group_size).std(1) == 0).float().mean()

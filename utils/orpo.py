@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .config import course_seed, seed_everything
+from .config import course_seed, seed_everything, training_precision
 from .dpo import pair_batch
 from .formats import require_columns
 from .logprobs import average_logprobs  # Chapter 5's exercise 1
@@ -85,6 +85,7 @@ def train_orpo(
     require_columns(pairs, ["prompt", "chosen", "rejected"], "ORPO")
     seed_everything(seed)
     device = next(model.parameters()).device
+    autocast, scaler = training_precision(device)  # Chapter 1's mixed precision (GPU)
     opt = torch.optim.AdamW(
         model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0
     )
@@ -108,23 +109,26 @@ def train_orpo(
         )  # [chosen; rejected]
         # each row's mean log-probability per answer token (rows of similar length
         # run together: utils.padding.by_length)
-        avg = by_length(
-            batch,
-            lambda b: average_logprobs(
-                model(
-                    input_ids=b["input_ids"], attention_mask=b["attention_mask"]
-                ).logits,
-                b["labels"],
-            ),
-        )
-        # the SFT term: the chosen answers' negative log-likelihood per token
-        lengths = (batch["labels"][:, 1:] != -100).sum(1)
-        nll = -(avg[:n] * lengths[:n]).sum() / lengths[:n].sum()
-        loss, ratio = (loss_fn or orpo_loss)(nll, avg[:n], avg[n:], lam)
+        with autocast():
+            avg = by_length(
+                batch,
+                lambda b: average_logprobs(
+                    model(
+                        input_ids=b["input_ids"], attention_mask=b["attention_mask"]
+                    ).logits,
+                    b["labels"],
+                ),
+            )
+            # the SFT term: the chosen answers' negative log-likelihood per token
+            lengths = (batch["labels"][:, 1:] != -100).sum(1)
+            nll = -(avg[:n] * lengths[:n]).sum() / lengths[:n].sum()
+            loss, ratio = (loss_fn or orpo_loss)(nll, avg[:n], avg[n:], lam)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         log.append(
             {
                 "loss": loss.item(),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import course_seed, seed_everything
+from .config import course_seed, seed_everything, training_precision
 from .progress import progress
 from .rollout import gold_scores, rollout_scores, sample_rollout, token_logprobs, token_values
 
@@ -197,6 +197,9 @@ def train_ppo(
     opt_value = torch.optim.AdamW(
         value_model.parameters(), lr=s.value_lr, weight_decay=0.0
     )
+    # Chapter 1's mixed precision (GPU): the old, reference and new log-probabilities
+    # all under the same autocast, so that the ratios compare like with like
+    autocast, scaler = training_precision(next(policy.parameters()).device)
     g = torch.Generator().manual_seed(course_seed(s.seed))
     order = torch.randperm(len(prompts), generator=g).tolist()
     mean, std = reward_norm
@@ -217,7 +220,7 @@ def train_ppo(
             seed=s.seed * 100_003 + it,
         )
         mask = roll.response_mask
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             old_logp, entropy = token_logprobs(policy, roll, s.temperature)  # detail 2
             ref_logp, _ = token_logprobs(reference, roll, s.temperature)
             old_values = token_values(value_model, roll)
@@ -254,25 +257,30 @@ def train_ppo(
                 idx = perm[i : i + s.minibatch_size]
                 sub = roll.subset(idx)  # cut to these rows' longest prompt and answer
                 w, m = sub.response.shape[1], sub.response_mask
-                logp, _ = token_logprobs(policy, sub, s.temperature)
-                pl = ppo_policy_loss(
-                    logp, old_logp[idx, :w], advantages[idx, :w], m, s.clip
-                )
+                with autocast():
+                    logp, _ = token_logprobs(policy, sub, s.temperature)
+                    pl = ppo_policy_loss(
+                        logp, old_logp[idx, :w], advantages[idx, :w], m, s.clip
+                    )
                 opt_policy.zero_grad(set_to_none=True)
-                pl.backward()
+                scaler.scale(pl).backward()
+                scaler.unscale_(opt_policy)
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-                opt_policy.step()
-                vl = ppo_value_loss(
-                    token_values(value_model, sub),
-                    old_values[idx, :w],
-                    returns[idx, :w],
-                    m,
-                    s.value_clip,
-                )
+                scaler.step(opt_policy)
+                with autocast():
+                    vl = ppo_value_loss(
+                        token_values(value_model, sub),
+                        old_values[idx, :w],
+                        returns[idx, :w],
+                        m,
+                        s.value_clip,
+                    )
                 opt_value.zero_grad(set_to_none=True)
-                vl.backward()
+                scaler.scale(vl).backward()
+                scaler.unscale_(opt_value)
                 torch.nn.utils.clip_grad_norm_(value_model.parameters(), 1.0)
-                opt_value.step()
+                scaler.step(opt_value)
+                scaler.update()  # once per step of both optimisers
                 with torch.no_grad():
                     ratio = torch.exp(logp - old_logp[idx, :w])
                     clipped = ((ratio - 1).abs() > s.clip).float()

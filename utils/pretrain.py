@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import seed_everything
+from .config import seed_everything, training_precision
 from .data import lm_batches
 from .progress import progress
 
@@ -57,10 +57,12 @@ def train_lm(
     """The loop: AdamW, the learning-rate schedule set by hand, gradient clipping, on
     random batches of `blocks`. Returns one {"step", "loss", "lr"} per `log_every` steps
     (the loss averaged over them) and, with `eval_fn`, "val_loss" = eval_fn(model) every
-    `eval_every` steps and at the end."""
+    `eval_every` steps and at the end. On a GPU with the hub profile the forward pass
+    runs in mixed precision (`training_precision`); on a CPU, in fp32."""
     seed_everything(seed)
     model.train()
     device = next(model.parameters()).device
+    autocast, scaler = training_precision(device)  # both off on a CPU
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1
     )
@@ -70,11 +72,17 @@ def train_lm(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, lr, warmup, steps)
         batch = batch.to(device)
-        loss = loss_fn(model(input_ids=batch).logits, batch)
+        with autocast():  # bf16 or fp16 products over the fp32 weights, on a GPU
+            loss = loss_fn(model(input_ids=batch).logits, batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # fp16 only (a T4): the scaler multiplies the loss so that small gradients do
+        # not underflow, and divides them back before clipping; off, each call below is
+        # the plain one (loss.backward(), clip, optimizer.step())
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         running.append(loss.item())
         done = step + 1
         evaluate = eval_fn is not None and (done % eval_every == 0 or done == steps)

@@ -29,6 +29,12 @@ RECIPES: dict[str, dict[str, dict]] = {
             warmup=10,
             source="Chapter 2 (utils.artifacts.sft_recipe), tuned on TinyWorld",
         ),
+        "lora": dict(
+            learning_rate=5e-3,
+            epochs=2,
+            per_device_batch_size=32,
+            source="Chapter 2's LoRA (rank 8), tuned on TinyWorld: adapters want a larger rate",
+        ),
         "reward": dict(
             learning_rate=3e-4,
             per_device_batch_size=32,
@@ -63,6 +69,14 @@ RECIPES: dict[str, dict[str, dict]] = {
             clip=0.2,
             source="Chapter 3 (utils.ppo.PPOSettings; the learning rate tuned on TinyWorld)",
         ),
+        "rloo": dict(
+            learning_rate=5e-5,
+            per_device_batch_size=16,
+            lr_scheduler_type="constant",
+            beta=0.1,
+            num_generations=4,
+            source="Chapter 3's RLOOTrainer run (beta: PPO's kl_coef; the rate tuned on TinyWorld)",
+        ),
     },
     # Published recipes for SmolLM2-135M where they exist, else for the nearest size. Their batch is
     # per device x accumulation as published (their runs used 8 GPUs where noted: the update's batch
@@ -78,6 +92,14 @@ RECIPES: dict[str, dict[str, dict]] = {
             max_length=512,
             source="huggingface/alignment-handbook@ae3f44f recipes/smollm2/sft/config_smol.yaml "
             "(SmolLM2-135M/360M SFT, 8 GPUs)",
+        ),
+        "lora": dict(
+            learning_rate=2e-4,
+            per_device_batch_size=2,
+            gradient_accumulation_steps=8,
+            max_length=512,
+            source="huggingface/trl@f2cd577 trl/scripts/sft.py, its LoRA command (Qwen2-0.5B, rank 32: "
+            "2e-4, ten times its full fine-tuning rate)",
         ),
         "reward": dict(
             learning_rate=1e-5,
@@ -134,6 +156,15 @@ RECIPES: dict[str, dict[str, dict]] = {
             source="huggingface/course@16af566 chapters/en/chapter12/5.mdx (GRPO on a 135M model with "
             "LoRA: lr 2e-5, 8 x 2, 8 generations, 96 new tokens); beta 0.04 as DeepSeekMath (TRL's "
             "default is 0: no KL)",
+        ),
+        "rloo": dict(
+            learning_rate=1e-6,
+            per_device_batch_size=8,
+            beta=0.05,
+            num_generations=2,
+            max_length=512,
+            source="huggingface/trl v1.16.0 trl/trainer/rloo_config.py, its defaults (lr 1e-6, beta 0.05, "
+            "2 generations per prompt)",
         ),
     },
 }

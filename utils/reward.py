@@ -15,7 +15,7 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from .config import course_seed, seed_everything
+from .config import course_seed, seed_everything, training_precision
 from .formats import require_columns
 from .padding import by_length
 from .progress import progress, quiet_transformers
@@ -73,7 +73,7 @@ def reward_scores(
         for i in range(0, len(prompts), batch_size):
             convs = [p + c for p, c in zip(prompts[i : i + batch_size], completions[i : i + batch_size])]
             out.append(by_length(_encode(tokenizer, convs, device), lambda b: rm(**b).logits[:, 0]))
-    return torch.cat(out)
+    return torch.cat(out).float()  # (a half-precision head, under autocast, gives half)
 
 
 def _by_prompt(rows) -> list[tuple[list, list, list[tuple[int, int]]]]:
@@ -142,6 +142,7 @@ def train_reward_model(
     rows = pairs.select_columns(["prompt", "chosen", "rejected"]).to_list()
     units = _by_prompt(rows) if by_prompt else rows
     opt = torch.optim.AdamW(rm.parameters(), lr=lr, weight_decay=0.0)
+    autocast, scaler = training_precision(next(rm.parameters()).device)
     g = torch.Generator().manual_seed(course_seed(seed))
     total = epochs * ((len(units) + batch_size - 1) // batch_size)
     history, bar = [], progress(total=total, desc=desc, disable=not show_progress)
@@ -158,38 +159,41 @@ def train_reward_model(
         order = torch.randperm(len(units), generator=g).tolist()
         for i in range(0, len(order), batch_size):
             chunk = [units[j] for j in order[i : i + batch_size]]
-            if by_prompt:
-                prompts = [p for p, answers, _ in chunk for _ in answers]
-                rewards = reward_scores(
-                    rm,
-                    tokenizer,
-                    prompts,
-                    [a for _, answers, _ in chunk for a in answers],
-                    batch_size=len(prompts),
-                    grad=True,
-                )
-                chosen, rejected, offset = [], [], 0
-                for _, answers, comparisons in chunk:
-                    chosen += [offset + c for c, _ in comparisons]
-                    rejected += [offset + r for _, r in comparisons]
-                    offset += len(answers)
-                rc, rr = rewards[chosen], rewards[rejected]
-            else:
-                prompts = [r["prompt"] for r in chunk]
-                rewards = reward_scores(
-                    rm,
-                    tokenizer,
-                    prompts + prompts,
-                    [r["chosen"] for r in chunk] + [r["rejected"] for r in chunk],
-                    batch_size=2 * len(chunk),
-                    grad=True,
-                )
-                rc, rr = rewards[: len(chunk)], rewards[len(chunk) :]
-            loss = bradley_terry_loss(rc, rr)
+            with autocast():  # Chapter 1's mixed precision (GPU; off on a CPU)
+                if by_prompt:
+                    prompts = [p for p, answers, _ in chunk for _ in answers]
+                    rewards = reward_scores(
+                        rm,
+                        tokenizer,
+                        prompts,
+                        [a for _, answers, _ in chunk for a in answers],
+                        batch_size=len(prompts),
+                        grad=True,
+                    )
+                    chosen, rejected, offset = [], [], 0
+                    for _, answers, comparisons in chunk:
+                        chosen += [offset + c for c, _ in comparisons]
+                        rejected += [offset + r for _, r in comparisons]
+                        offset += len(answers)
+                    rc, rr = rewards[chosen], rewards[rejected]
+                else:
+                    prompts = [r["prompt"] for r in chunk]
+                    rewards = reward_scores(
+                        rm,
+                        tokenizer,
+                        prompts + prompts,
+                        [r["chosen"] for r in chunk] + [r["rejected"] for r in chunk],
+                        batch_size=2 * len(chunk),
+                        grad=True,
+                    )
+                    rc, rr = rewards[: len(chunk)], rewards[len(chunk) :]
+                loss = bradley_terry_loss(rc, rr)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             step += 1
             history.append(
                 {

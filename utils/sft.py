@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .config import course_seed, seed_everything
+from .config import course_seed, seed_everything, training_precision
 from .formats import require_columns
 from .logprobs import IGNORE
 from .padding import token_mean
@@ -136,6 +136,7 @@ def train_sft(
         examples = [sft_example(tokenizer, m) for m in examples["messages"]]
     seed_everything(seed)
     device = next(model.parameters()).device
+    autocast, scaler = training_precision(device)  # Chapter 1's mixed precision (GPU)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     steps_per_epoch = math.ceil(len(examples) / batch_size)
@@ -158,11 +159,14 @@ def train_sft(
                 [examples[j] for j in order[i : i + batch_size]], tokenizer.pad_token_id
             )
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = batch_loss(model, batch)
+            with autocast():
+                loss = batch_loss(model, batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             step += 1
             losses.append(loss.item())
