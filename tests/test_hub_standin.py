@@ -241,3 +241,73 @@ def test_the_math_loader_reads_gsm8k_by_its_name_and_the_verifier_checks_its_ans
     assert last_number("1,200.0 apples") == "1200" and last_number("none") is None
     with pytest.raises(ValueError, match="no 'validation' split"):
         hub.load_hub_math_dataset(*p.math_dataset, split="validation")
+
+
+# --- what the chapters evaluate on (#32): held-out public prompts, judged by the public reward model
+def test_the_tiny_profile_evaluates_on_the_course_evaluation_set_with_the_gold_judge(capsys):
+    from utils.artifacts import evaluation_prompts
+    from utils.data import evaluation_set
+
+    for source in ("sft", "preference"):
+        prompts, kinds, judge = evaluation_prompts(source, 40, profile=config.PROFILES["tiny"])
+        expected = evaluation_set(40, show=False)
+        assert list(prompts) == list(expected["prompt"]) and list(kinds) == list(expected["kind"])
+        assert judge is None
+    assert "40 of the 800 evaluation prompts" in capsys.readouterr().out
+
+
+def test_the_hub_profile_evaluates_on_held_out_public_prompts_with_the_public_judge(mirror, monkeypatch):
+    from utils import artifacts
+
+    monkeypatch.setenv("COURSE_PROFILE", "hub")
+    monkeypatch.setenv("COURSE_SMOKE", "1")  # the stand-in's 300 demonstrations
+    monkeypatch.setattr(artifacts, "_judges", {})
+    hub_profile = config.get_profile("hub")
+    prompts, kinds, judge = artifacts.evaluation_prompts("preference", 30, show=False)
+    assert kinds is None and len(prompts) == 30
+    assert type(judge[0]).__name__ == "Qwen3ForSequenceClassification"
+    assert artifacts.evaluation_prompts("preference", 5, show=False)[2] is judge  # loaded once
+    trained = {tuple(m["content"] for m in p) for p in artifacts.get_preference_data(hub_profile)["prompt"]}
+    assert not trained & {tuple(m["content"] for m in p) for p in prompts}, "evaluated on training prompts"
+    sft_prompts, _, _ = artifacts.evaluation_prompts("sft", 10, show=False)
+    demos = artifacts.load_sft_demos(hub_profile)
+    assert [p for p in sft_prompts] == [m[:-1] for m in demos["validation"]["messages"][:10]]
+    assert all(p[-1]["role"] == "user" for p in sft_prompts)  # the answers are left out
+    with pytest.raises(ValueError, match="source"):
+        artifacts.evaluation_prompts("pretraining", show=False)
+
+
+def test_gold_scores_with_a_judge_are_the_judges_scores(mirror, monkeypatch):
+    from types import SimpleNamespace
+
+    from utils import artifacts
+    from utils.reward import reward_scores
+    from utils.rollout import gold_scores
+
+    monkeypatch.setattr(artifacts, "_judges", {})
+    judge = artifacts.evaluation_judge(config.get_profile("hub"))
+    conversations = [[{"role": "user", "content": "Compute 2 plus 3."}]] * 2
+    roll = SimpleNamespace(conversations=conversations, texts=["5", "six"], finished=[True, True])
+    answers = [[{"role": "assistant", "content": t}] for t in roll.texts]
+    want = reward_scores(judge[0], judge[1], conversations, answers)
+    assert gold_scores(roll, judge) == pytest.approx(want.tolist())
+    assert gold_scores(roll) != gold_scores(roll, judge)  # TinyWorld's rubric, without one
+
+
+def test_held_out_pairs_of_a_dataset_without_a_test_split_are_not_the_training_ones(
+    tmp_path, tmp_datasets_cache, monkeypatch
+):
+    import pandas as pd
+
+    monkeypatch.setenv(config.PROFILE_ENV, "hub")
+    rows = {
+        "prompt": [[{"role": "user", "content": f"Q{i}?"}] for i in range(20)],
+        "chosen": [[{"role": "assistant", "content": f"yes {i}."}] for i in range(20)],
+        "rejected": [[{"role": "assistant", "content": "no."}] for _ in range(20)],
+    }
+    path = tmp_path / "prefs.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    train = hub.load_hub_preference_dataset(str(path), n=12)
+    test = hub.load_hub_preference_dataset(str(path), n=8, split="test")
+    asked = lambda ds: {p[0]["content"] for p in ds["prompt"]}  # noqa: E731
+    assert len(train) == 12 and len(test) == 8 and not asked(train) & asked(test)

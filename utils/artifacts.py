@@ -26,7 +26,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import cache
 from .config import Profile, get_profile
-from .data import eval_conversations, label_pairs, pack_texts, pretraining_dataset, sft_dataset
+from .data import (
+    eval_conversations,
+    evaluation_set,
+    label_pairs,
+    pack_texts,
+    pretraining_dataset,
+    sft_dataset,
+)
 from .judge import JUDGE_VERSION
 from .models import TINY_MODEL, generate_responses, make_model
 from .pretrain import train_lm
@@ -383,6 +390,57 @@ def _save_dataset(ds, path) -> None:
         ds.save_to_disk(str(path / "data"))
     finally:
         datasets.enable_progress_bars()
+
+
+# --- what the chapters evaluate on -----------------------------------------------------------
+HUB_EVAL_PROMPTS = 200  # held-out prompts per evaluation on the hub profile (a T4's time)
+_judges: dict = {}
+
+
+def evaluation_judge(profile: Profile | None = None):
+    """``None`` for TinyWorld's gold judge, or ``(reward model, tokenizer)``: the profile's public
+    reward model, loaded once per session (the ``hub`` profile)."""
+    profile = profile or get_profile()
+    if profile.judge_model is None:
+        return None
+    if profile.judge_model not in _judges:
+        from .hub import load_hub_judge
+
+        _judges[profile.judge_model] = load_hub_judge(profile.judge_model)
+    return _judges[profile.judge_model]
+
+
+def evaluation_prompts(
+    source: str, n: int | None = None, *, show: bool = True, profile: Profile | None = None
+):
+    """``(prompts, kinds, judge)``: what a chapter evaluates its models on, and what scores them.
+
+    ``tiny``: the course's evaluation set (:func:`utils.data.evaluation_set`, ``n`` of its prompts
+    with the same mix, or all 800), their kinds, and ``None`` - TinyWorld's gold judge. ``hub``: ``n``
+    (default :data:`HUB_EVAL_PROMPTS`) held-out prompts of the public dataset the chapter trained on
+    - ``source="sft"``: the demonstrations' validation split, without their answers;
+    ``"preference"``: the preference dataset's test split - no kinds (``None``), and the profile's
+    public reward model as the judge (:func:`evaluation_judge`), whose score stands where gold does.
+    """
+    profile = profile or get_profile()
+    if profile.judge_model is None or (source == "sft" and profile.sft_dataset is None):
+        questions = evaluation_set(n, show=show)
+        return questions["prompt"], questions["kind"], None
+    n = profile.examples(n or HUB_EVAL_PROMPTS)
+    if source == "sft":
+        conversations = load_sft_demos(profile)["validation"]["messages"]
+        prompts = [c[:-1] for c in conversations if c[-1]["role"] == "assistant"][:n]
+        where = f"the validation split of {profile.sft_dataset}"
+    elif source == "preference":
+        from .hub import load_hub_preference_dataset
+
+        prompts = list(load_hub_preference_dataset(profile.preference_dataset, n=n, split="test")["prompt"])
+        where = f"the held-out rows (test split) of {profile.preference_dataset}"
+    else:
+        raise ValueError(f"source is 'sft' or 'preference', not {source!r}")
+    if show:
+        print(f"{len(prompts)} held-out prompts of {where},\n  scored by {profile.judge_model}")
+    return prompts, None, evaluation_judge(profile)
 
 
 def get(stage: str, profile: Profile | None = None, **kwargs):

@@ -304,23 +304,36 @@ def load_hub_sft_dataset(name: str, n: int = 3000, validation: int = 300, seed: 
     )
 
 
-def load_hub_preference_dataset(name: str, n: int | None = None, seed: int = 0):
+def load_hub_preference_dataset(name: str, n: int | None = None, seed: int = 0, split: str = "train"):
     """A preference dataset from the Hub (or a local file/folder) with conversational
     ``prompt``/``chosen``/``rejected`` columns, ``n`` rows (default: the profile's ``n_pairs``) of those that
-    fit the profile's ``seq_len``; an implicit prompt (shared by both answers) is split off."""
+    fit the profile's ``seq_len``; an implicit prompt (shared by both answers) is split off.
+
+    ``split="test"`` reads held-out rows: the dataset's test split or, without one, the *last* ``n``
+    rows of the training rows' shuffled order, whose first rows are what training reads."""
     from datasets import DatasetDict
 
     profile = get_profile()
     n = profile.examples(n or profile.n_pairs)  # (fewer in a smoke test)
     ds = _load_dataset(name)
-    train = ds["train"] if isinstance(ds, DatasetDict) else ds
+    held_back = False  # the test rows are the training order's last ones
+    if isinstance(ds, DatasetDict):
+        if split not in ds and split != "test":
+            raise ValueError(f"{name} has no {split!r} split (it has {sorted(ds)})")
+        held_back = split not in ds
+        train = ds[split if split in ds else "train"]
+    else:
+        train, held_back = ds, split == "test"
     require_columns(train, ["chosen", "rejected"], "a preference dataset")
     if "prompt" not in train.column_names:
         train = train.map(split_implicit_prompt)
     train = _short_enough(
         train.select_columns(["prompt", "chosen", "rejected"]), ["chosen", "rejected"], "pairs"
     )
-    return train.shuffle(seed=seed).select(range(min(n, len(train))))
+    train = train.shuffle(seed=seed)
+    if held_back:
+        return train.select(range(max(0, len(train) - n), len(train)))
+    return train.select(range(min(n, len(train))))
 
 
 def load_hub_math_dataset(

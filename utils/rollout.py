@@ -189,12 +189,17 @@ def rollout_scores(reward_model, tokenizer, rollout: Rollout) -> torch.Tensor:
     )
 
 
-def gold_scores(rollout: Rollout) -> list[float]:
-    """The gold judge's score of each response (an unfinished answer is penalised by the rubric)."""
-    from . import judge
+def gold_scores(rollout: Rollout, judge=None) -> list[float]:
+    """The gold judge's score of each response (an unfinished answer is penalised by the rubric), or,
+    with ``judge = (reward model, its tokenizer)`` (real prompts: the ``hub`` profile), that model's."""
+    if judge is not None:
+        answers = [[{"role": "assistant", "content": t}] for t in rollout.texts]
+        with torch.no_grad():
+            return reward_scores(judge[0], judge[1], rollout.conversations, answers).cpu().tolist()
+    from . import judge as rubric
 
     return [
-        judge.score(c, t, bool(f)) for c, t, f in zip(rollout.conversations, rollout.texts, rollout.finished)
+        rubric.score(c, t, bool(f)) for c, t, f in zip(rollout.conversations, rollout.texts, rollout.finished)
     ]
 
 
