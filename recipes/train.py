@@ -76,15 +76,17 @@ def _pairs(args, profile):
 
         pairs = annotator_preferences(int(n), seed=args.seed)
     else:
-        pairs = get_preference_data(profile, show_progress=False)
-        if profile.preference_dataset is not None:
-            pairs = pairs.select(range(min(profile.n_pairs, len(pairs))))
+        pairs = get_preference_data(profile, show_progress=False)  # (hub: its n_pairs rows)
     return pairs.select_columns(["prompt", "chosen", "rejected"])
 
 
-def _grpo_data_and_reward(profile):
-    """Prompts and the verifier that rewards their completions (1 right, 0 not)."""
+def _grpo_data_and_reward(profile, stop_ids):
+    """Prompts and the verifier that rewards their completions (1 right, 0 not). A completion ended its
+    turn if it holds one of ``stop_ids`` (TRL stops it there; one cut short has none)."""
     from utils.grpo import verify, verify_number
+
+    def ended(ids) -> bool:
+        return not stop_ids.isdisjoint(ids)
 
     if profile.math_dataset is None:
         from utils.data import eval_conversations
@@ -93,7 +95,7 @@ def _grpo_data_and_reward(profile):
 
         def reward(prompts, completions, completion_ids, **kwargs):
             return [
-                verify(p, c[0]["content"], finished=_ended(ids))
+                verify(p, c[0]["content"], finished=ended(ids))
                 for p, c, ids in zip(prompts, completions, completion_ids)
             ]
 
@@ -104,19 +106,11 @@ def _grpo_data_and_reward(profile):
 
     def reward(prompts, completions, completion_ids, answer, **kwargs):
         return [
-            verify_number(c[0]["content"], a, finished=_ended(ids))
+            verify_number(c[0]["content"], a, finished=ended(ids))
             for c, a, ids in zip(completions, answer, completion_ids)
         ]
 
     return data, reward
-
-
-_EOS: set[int] = set()
-
-
-def _ended(ids) -> bool:
-    """Whether a completion ended its turn (TRL stops it at an end token; one cut short has none)."""
-    return bool(_EOS.intersection(ids))
 
 
 def build_trainer(args, profile=None):
@@ -197,8 +191,7 @@ def build_trainer(args, profile=None):
     else:
         from trl import GRPOConfig, GRPOTrainer
 
-        data, reward = _grpo_data_and_reward(profile)
-        _EOS.update(model_stop_ids(model) | {tokenizer.eos_token_id})
+        data, reward = _grpo_data_and_reward(profile, model_stop_ids(model) | {tokenizer.eos_token_id})
         config = GRPOConfig(
             **common,
             beta=recipe["beta"],

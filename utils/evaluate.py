@@ -44,16 +44,9 @@ def evaluate(
         seed=seed,
     )
     if judge is not None:
-        from .reward import reward_scores
+        from .reward import score_answers
 
-        judged = (
-            reward_scores(
-                judge[0], judge[1], conversations, [[{"role": "assistant", "content": g.text}] for g in gens]
-            )
-            .float()
-            .cpu()
-            .tolist()
-        )
+        judged = score_answers(*judge, conversations, [g.text for g in gens]).cpu().tolist()
     rows = []
     for i, (conv, g) in enumerate(zip(conversations, gens)):
         if judge is None:
@@ -357,16 +350,10 @@ def answer_stats(
     """
     prompts, sampled, stats = list(prompts), answers, {}
     if reward is not None:
-        from .reward import reward_scores
+        from .reward import score_answers
 
         reward_model, mean, std = reward
-        with torch.no_grad():
-            learned = reward_scores(
-                reward_model,
-                tokenizer,
-                prompts,
-                [[{"role": "assistant", "content": t}] for t in sampled["response"]],
-            ).cpu()
+        learned = score_answers(reward_model, tokenizer, prompts, sampled["response"]).cpu()
         stats["learned reward"] = ((learned - mean) / std).mean().item()
     stats[f"KL to {reference_name}"] = kl
     stats["words"] = sampled["response"].map(lambda t: len(t.split())).mean()

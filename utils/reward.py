@@ -76,6 +76,12 @@ def reward_scores(
     return torch.cat(out).float()  # (a half-precision head, under autocast, gives half)
 
 
+def score_answers(rm, tokenizer, conversations, texts) -> torch.Tensor:
+    """The reward of each text as the assistant's answer to its conversation, without gradients: ``[N]``
+    on the reward model's device (a judge's score on the hub profile, a learned reward's anywhere)."""
+    return reward_scores(rm, tokenizer, conversations, [[{"role": "assistant", "content": t}] for t in texts])
+
+
 def _by_prompt(rows) -> list[tuple[list, list, list[tuple[int, int]]]]:
     """Group comparisons by prompt: (prompt, distinct answers, [(chosen, rejected) indices])."""
     groups: dict[str, tuple[list, list, list, dict]] = {}

@@ -22,7 +22,7 @@ import torch
 
 from .config import course_seed
 from .padding import in_order, length_groups, pad_right
-from .reward import reward_scores
+from .reward import reward_scores, score_answers
 
 
 @dataclass
@@ -193,9 +193,7 @@ def gold_scores(rollout: Rollout, judge=None) -> list[float]:
     """The gold judge's score of each response (an unfinished answer is penalised by the rubric), or,
     with ``judge = (reward model, its tokenizer)`` (real prompts: the ``hub`` profile), that model's."""
     if judge is not None:
-        answers = [[{"role": "assistant", "content": t}] for t in rollout.texts]
-        with torch.no_grad():
-            return reward_scores(judge[0], judge[1], rollout.conversations, answers).cpu().tolist()
+        return score_answers(*judge, rollout.conversations, rollout.texts).cpu().tolist()
     from . import judge as rubric
 
     return [
