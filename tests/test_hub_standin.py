@@ -294,6 +294,29 @@ def test_gold_scores_with_a_judge_are_the_judges_scores(mirror, monkeypatch):
     assert gold_scores(roll) != gold_scores(roll, judge)  # TinyWorld's rubric, without one
 
 
+def test_the_hub_profile_refuses_tinyworlds_judge_on_real_answers(monkeypatch, tiny_model, tiny_tokenizer):
+    """No hub chapter scores a real model with TinyWorld's rubric: evaluate and gold_scores refuse
+    without a judge there (the hub smoke run of every chapter goes through them), and say what to
+    pass; on tiny the rubric is the judge."""
+    from types import SimpleNamespace
+
+    from utils.evaluate import evaluate
+    from utils.rollout import gold_scores
+
+    roll = SimpleNamespace(
+        conversations=[[{"role": "user", "content": "Compute 2 plus 3."}]], texts=["5"], finished=[True]
+    )
+    prompts = roll.conversations
+    monkeypatch.setenv(config.PROFILE_ENV, "hub")
+    with pytest.raises(ValueError, match=r"gold_scores: TinyWorld's gold judge .* pass judge="):
+        gold_scores(roll)
+    with pytest.raises(ValueError, match=r"evaluate: TinyWorld's gold judge .* pass judge="):
+        evaluate(tiny_model, tiny_tokenizer, prompts, max_new_tokens=2)
+    monkeypatch.setenv(config.PROFILE_ENV, "tiny")
+    assert len(gold_scores(roll)) == 1
+    assert len(evaluate(tiny_model, tiny_tokenizer, prompts, max_new_tokens=2)) == 1
+
+
 def test_held_out_pairs_of_a_dataset_without_a_test_split_are_not_the_training_ones(
     tmp_path, tmp_datasets_cache, monkeypatch
 ):

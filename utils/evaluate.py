@@ -9,7 +9,7 @@ import torch
 
 from . import judge as judge_rules  # (``judge`` is also an argument name below)
 from .models import generate_responses
-from .rollout import sequence_kl
+from .rollout import require_tinyworld_judge, sequence_kl
 
 
 def evaluate(
@@ -32,8 +32,11 @@ def evaluate(
 
     ``judge`` is ``None`` for TinyWorld's gold judge, or ``(reward model, its tokenizer)`` for real
     prompts (the ``hub`` profile): ``gold`` is then that model's score and ``correct`` is unknown (NaN).
+    On the ``hub`` profile a judge is required: TinyWorld's rubric does not score real prompts.
     """
     conversations = list(conversations)
+    if judge is None:
+        require_tinyworld_judge("evaluate")
     gens = cached_responses(
         model,
         tokenizer,

@@ -189,11 +189,29 @@ def rollout_scores(reward_model, tokenizer, rollout: Rollout) -> torch.Tensor:
     )
 
 
+def require_tinyworld_judge(what: str) -> None:
+    """Refuse TinyWorld's gold judge on a profile that has a public one (``hub``).
+
+    The rubric knows TinyWorld's facts; a real model's answers to real prompts, scored by it, get a
+    number that means nothing. ``what`` names the caller in the error, which says what to pass."""
+    from .config import get_profile
+
+    profile = get_profile()
+    if profile.judge_model is not None:
+        raise ValueError(
+            f"{what}: TinyWorld's gold judge scores TinyWorld's questions only. On the "
+            f"{profile.name!r} profile pass judge=(reward model, tokenizer), the public judge that "
+            "utils.artifacts.evaluation_prompts returns, or leave gold out"
+        )
+
+
 def gold_scores(rollout: Rollout, judge=None) -> list[float]:
     """The gold judge's score of each response (an unfinished answer is penalised by the rubric), or,
-    with ``judge = (reward model, its tokenizer)`` (real prompts: the ``hub`` profile), that model's."""
+    with ``judge = (reward model, its tokenizer)`` (real prompts: the ``hub`` profile), that model's.
+    Without a judge on the ``hub`` profile it refuses (:func:`require_tinyworld_judge`)."""
     if judge is not None:
         return score_answers(*judge, rollout.conversations, rollout.texts).cpu().tolist()
+    require_tinyworld_judge("gold_scores")
     from . import judge as rubric
 
     return [
