@@ -84,3 +84,27 @@ def test_sft_then_dpo_raise_the_gold_score(eval_set):
     assert dpo_sampled.gold.mean() > sft_sampled.gold.mean() + 0.1
     assert result["low"] > 0.5, result
     assert dpo_sampled.rude.mean() < sft_sampled.rude.mean() / 2
+
+
+def test_the_results_table_keeps_its_numbers_numeric_so_that_it_rounds():
+    """A book table is `results_table(...).round(3)`: built by columns and transposed, every column
+    held objects and round(3) left 0.032063 as it was (seen in Chapter 3's and Project 2's tables)."""
+    import pandas as pd
+
+    def answers(golds):
+        return pd.DataFrame({"gold": golds})
+
+    stats = {"KL to SFT": 0.123456, "words": 5.4321}
+    results = {
+        "SFT": (answers([0.1234, -0.5, 1.0]), answers([0.3, 0.3, 0.3]), {**stats, "KL to SFT": 0.0}),
+        "best-of-4": (answers([0.9876, 0.5, 1.0]), None, stats),  # no greedy answers
+    }
+    table = evaluate.results_table(results)
+    assert list(table.index) == ["SFT", "best-of-4"]
+    assert list(table.columns[:3]) == ["gold, sampled", "win vs SFT, sampled", "95% CI"]
+    assert table["gold, sampled"].dtype.kind == "f" and table["KL to SFT"].dtype.kind == "f"
+    rounded = table.round(3)
+    assert rounded.loc["best-of-4", "KL to SFT"] == 0.123
+    assert rounded.loc["SFT", "gold, sampled"] == pytest.approx(0.208)
+    assert math.isnan(rounded.loc["best-of-4", "gold, greedy"])
+    assert rounded.loc["SFT", "95% CI"] == "[0.500, 0.500]"

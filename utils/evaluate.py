@@ -397,4 +397,6 @@ def results_table(results: dict, baseline: str = "SFT") -> pd.DataFrame:
                 }
             )
         rows[name] = row | stats
-    return pd.DataFrame(rows).T
+    # one row per model, built by rows: each column keeps its own type (the numbers stay floats, so
+    # the table's .round(3) rounds them; a frame built by columns and transposed holds objects)
+    return pd.DataFrame.from_dict(rows, orient="index")
